@@ -1,0 +1,36 @@
+"""
+The project's one exception for user mistakes, and the wrapper scripts use to report it.
+
+Anything a user can reach from a flag, a file or a checkpoint (missing data folder, unreadable
+image, wrong flag value, mismatched checkpoint) raises :class:`UserError` with a one-line
+message naming the flag or file, the bad value and what was expected. Scripts wrap ``main()``
+with :func:`run_main`, which prints that line to stderr and exits with status 2; any other
+exception keeps its traceback, because it is a bug.
+
+This module imports nothing from the package, so every module can import it without cycles.
+"""
+
+import sys
+from typing import Callable, NoReturn
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(ValueError):
+    """A mistake in a flag, file or checkpoint that the user can fix; the message says how."""
+
+
+def run_main(main: Callable[[], object]) -> NoReturn:
+    """
+    Run a script's ``main()`` and exit: 0 on success, 2 with a one-line ``error: ...`` on
+    stderr for a :class:`UserError`, 130 on Ctrl-C. Other exceptions propagate unchanged.
+    """
+    try:
+        main()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
+    sys.exit(0)

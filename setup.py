@@ -1,0 +1,24 @@
+from setuptools import setup
+
+setup(
+    name="improved-diffusion",
+    version="0.1.0",
+    description="Improved Denoising Diffusion Probabilistic Models (Nichol & Dhariwal, 2021)",
+    packages=["improved_diffusion"],
+    python_requires=">=3.10",
+    # Same pins as requirements.txt (which adds the test tools).
+    install_requires=[
+        "torch==2.13.0",
+        "numpy==2.4.6",
+        "blobfile==3.3.0",
+        "mpi4py==4.1.2",
+        "mpich==5.0.2",
+        "tqdm==4.70.1",
+        "pillow==13.0.0",
+    ],
+    extras_require={
+        # torchvision does not import beside the CPU torch 2.13 build used here: optional only.
+        "torchvision": ["torchvision"],
+        "lsun": ["lmdb==3.0.0"],
+    },
+)
