@@ -1,0 +1,338 @@
+"""
+Training images from a folder: an endless, resumable stream of batches in ``[-1, 1]``.
+
+Files are found recursively (jpg, jpeg, png, gif, any case) and sorted; with class
+conditioning a file's class is its name before the first ``_`` and the sorted class names are
+numbered from 0. Rank ``r`` of ``n`` takes files ``r, r + n, r + 2n, ...``. Each image is
+converted to RGB, halved with a box filter while its shorter side is at least twice the target,
+scaled with bicubic resampling so the shorter side equals the target, centre-cropped and mapped
+to ``x / 127.5 - 1`` (the original's preprocessing, [IDDPM §4]).
+
+Unlike the original's endless ``DataLoader`` loop, the order is a seeded permutation per epoch
+and the loader has a position (``state_dict`` / ``load_state_dict``), so a resumed training run
+sees exactly the batches an uninterrupted one would. Batches run across epoch boundaries, so a
+shard smaller than the batch still works. Worker processes (``num_workers``) decode ahead of
+the training loop; a bad file still gives a one-line :class:`UserError` naming it.
+"""
+
+import os
+import warnings
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import UserError
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
+
+Batch = Tuple[torch.Tensor, Dict[str, torch.Tensor]]
+
+
+def load_data(
+    *,
+    data_dir: str,
+    batch_size: int,
+    image_size: int,
+    class_cond: bool = False,
+    deterministic: bool = False,
+    random_flip: bool = False,
+    num_workers: int = 0,
+    seed: int = 0,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+) -> "ImageLoader":
+    """
+    An endless iterator over ``(images, model_kwargs)`` batches of this rank's shard.
+
+    :param data_dir: folder searched recursively for images (local path or blobfile URL).
+    :param batch_size: images per batch (per process).
+    :param image_size: side of the square training images.
+    :param class_cond: if True, ``model_kwargs`` holds ``"y"``: (N,) int64 class labels.
+    :param deterministic: if True, files come in sorted order every epoch (no shuffling).
+    :param random_flip: if True, mirror each image left-right with probability 1/2.
+    :param num_workers: decoding worker processes (0 = decode in this process).
+    :param seed: seed of the per-epoch shuffling and flipping.
+    :param rank: this process's rank; default ``dist_util.get_rank()``.
+    :param world_size: number of processes; default ``dist_util.get_world_size()``.
+    :return: an :class:`ImageLoader`; ``next()`` gives (N, 3, image_size, image_size) float32
+        images in ``[-1, 1]`` and a dict (``{"y": labels}`` or ``{}``).
+    """
+    if rank is None or world_size is None:
+        from . import dist_util
+
+        rank = dist_util.get_rank() if rank is None else rank
+        world_size = dist_util.get_world_size() if world_size is None else world_size
+    for name, value in (("batch_size", batch_size), ("image_size", image_size)):
+        if value <= 0:
+            raise UserError(f"--{name} {value}: must be a positive integer")
+    if num_workers < 0:
+        raise UserError(f"--num_workers {num_workers}: must be 0 or more")
+    all_files = list_image_files(data_dir)
+    labels = class_labels(all_files) if class_cond else None
+    if len(all_files) < world_size:
+        raise UserError(
+            f"--data_dir {data_dir} has {len(all_files)} image(s), fewer than the {world_size} "
+            "processes; every process needs at least one image"
+        )
+    dataset = ImageDataset(
+        image_size,
+        all_files[rank::world_size],
+        classes=None if labels is None else labels[rank::world_size],
+    )
+    return ImageLoader(
+        dataset,
+        batch_size,
+        shuffle=not deterministic,
+        random_flip=random_flip,
+        seed=seed,
+        num_workers=num_workers,
+    )
+
+
+def list_image_files(data_dir: str) -> List[str]:
+    """
+    Every image file under ``data_dir``, depth first, entries of each folder sorted by name.
+
+    :raises UserError: if the folder is missing, not a folder, or holds no image files.
+    """
+    import blobfile as bf
+
+    if not data_dir:
+        raise UserError("--data_dir is empty: pass the folder holding the training images")
+    if not bf.exists(data_dir):
+        raise UserError(f"--data_dir {data_dir}: no such folder")
+    if not bf.isdir(data_dir):
+        raise UserError(f"--data_dir {data_dir}: not a folder")
+    files = _list_recursively(bf, data_dir)
+    if not files:
+        exts = ", ".join(IMAGE_EXTENSIONS)
+        raise UserError(f"--data_dir {data_dir}: no image files ({exts}) found, searched recursively")
+    return files
+
+
+def _list_recursively(bf: Any, folder: str) -> List[str]:
+    found = []
+    for entry in sorted(bf.listdir(folder)):
+        path = bf.join(folder, entry)
+        ext = entry.rsplit(".", 1)[-1].lower()
+        if "." in entry and ext in IMAGE_EXTENSIONS:
+            found.append(path)
+        elif bf.isdir(path):
+            found.extend(_list_recursively(bf, path))
+    return found
+
+
+def class_labels(paths: Sequence[str]) -> List[int]:
+    """
+    Class index of each file: its name before the first ``_``, sorted names numbered from 0.
+
+    :raises UserError: if a file name has no ``_``.
+    """
+    names = []
+    for path in paths:
+        base = os.path.basename(path.rstrip("/"))
+        if "_" not in base:
+            raise UserError(
+                f"--class_cond needs file names like <class>_<anything>.png, but {path} has no '_'"
+            )
+        names.append(base.split("_")[0])
+    index = {name: i for i, name in enumerate(sorted(set(names)))}
+    return [index[name] for name in names]
+
+
+def read_image(path: str) -> Image.Image:
+    """
+    Decode an image file fully into an RGB PIL image.
+
+    Grayscale, palette, alpha (dropped, as the original does) and 16-bit images are converted
+    properly (16-bit values are scaled to 8 bits, not clipped). Images larger than
+    ``PIL.Image.MAX_IMAGE_PIXELS`` are refused rather than only warned about.
+
+    :raises UserError: naming ``path`` for an unreadable, truncated, empty or too large file.
+    """
+    import blobfile as bf
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with bf.BlobFile(path, "rb") as f:
+                image = Image.open(f)
+                image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UserError(
+            f"refusing image {path}: more pixels than PIL.Image.MAX_IMAGE_PIXELS "
+            f"({Image.MAX_IMAGE_PIXELS}); resize it first"
+        ) from exc
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for bad files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if os.path.exists(path) and os.path.getsize(path) == 0:
+            reason = "the file is empty (0 bytes)"
+        raise UserError(f"could not read image {path}: {reason}") from exc
+    return _to_rgb(image)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        # 16-bit grayscale (PNG): Pillow's convert("RGB") would clip at 255, so scale instead.
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L")
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
+    """
+    Resize and centre-crop an RGB image as the original does.
+
+    Halve with a box filter while the shorter side is at least ``2 * image_size``, then scale
+    with bicubic resampling so the shorter side is ``image_size`` (this also enlarges small
+    images), then crop the centre square.
+
+    :return: (image_size, image_size, 3) uint8 array.
+    """
+    while min(*image.size) >= 2 * image_size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = image_size / min(*image.size)
+    image = image.resize(tuple(max(image_size, round(x * scale)) for x in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
+
+
+class _LoadError:
+    """A picklable stand-in for a batch that failed to load in a worker process."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """
+    Images of one shard; item ``(i, flip)`` is a (3, H, W) float32 array in ``[-1, 1]`` and
+    its class (or -1), or a :class:`_LoadError` for an unreadable file.
+    """
+
+    def __init__(self, resolution: int, image_paths: Sequence[str], classes: Optional[Sequence[int]] = None):
+        super().__init__()
+        self.resolution = resolution
+        self.local_images = list(image_paths)
+        self.local_classes = None if classes is None else list(classes)
+
+    def __len__(self) -> int:
+        return len(self.local_images)
+
+    def __getitem__(self, item: Tuple[int, bool]) -> Any:
+        idx, flip = item
+        try:
+            arr = center_crop_arr(read_image(self.local_images[idx]), self.resolution)
+        except UserError as exc:
+            return _LoadError(str(exc))
+        if flip:
+            arr = arr[:, ::-1]
+        arr = arr.astype(np.float32) / 127.5 - 1
+        label = -1 if self.local_classes is None else self.local_classes[idx]
+        return np.ascontiguousarray(np.transpose(arr, [2, 0, 1])), label
+
+
+def _collate(items: List[Any]) -> Any:
+    for item in items:
+        if isinstance(item, _LoadError):
+            return item
+    images = torch.from_numpy(np.stack([arr for arr, _ in items]))
+    labels = torch.tensor([label for _, label in items], dtype=torch.int64)
+    return images, labels
+
+
+class _IndexStream(torch.utils.data.Sampler):
+    """
+    Batches of ``(index, flip)`` pairs read from the endless concatenation of per-epoch
+    permutations, starting at absolute position ``self.start`` (epoch = position // n).
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, random_flip: bool, seed: int):
+        self.n, self.batch_size = n, batch_size
+        self.shuffle, self.random_flip, self.seed = shuffle, random_flip, seed
+        self.start = 0
+
+    def epoch_order(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
+        """File indices and flip decisions of one epoch (a pure function of seed and epoch)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+        flips = rng.random(self.n) < 0.5 if self.random_flip else np.zeros(self.n, dtype=bool)
+        return order, flips
+
+    def __iter__(self) -> Iterator[List[Tuple[int, bool]]]:
+        position = self.start
+        epoch, (order, flips) = -1, (None, None)
+        while True:
+            batch = []
+            while len(batch) < self.batch_size:
+                if position // self.n != epoch:
+                    epoch = position // self.n
+                    order, flips = self.epoch_order(epoch)
+                i = position % self.n
+                batch.append((int(order[i]), bool(flips[i])))
+                position += 1
+            yield batch
+
+
+class ImageLoader:
+    """
+    Endless iterator of training batches with a resumable position.
+
+    ``state_dict()`` records how many images this iterator has handed out (not how many the
+    workers have decoded ahead), so restoring it continues with the next unseen batch.
+    """
+
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        batch_size: int,
+        shuffle: bool = True,
+        random_flip: bool = False,
+        seed: int = 0,
+        num_workers: int = 0,
+    ):
+        self.dataset = dataset
+        self.class_cond = dataset.local_classes is not None
+        self.stream = _IndexStream(len(dataset), batch_size, shuffle, random_flip, seed)
+        self.loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=self.stream,
+            num_workers=num_workers,
+            collate_fn=_collate,
+            pin_memory=torch.cuda.is_available(),
+            prefetch_factor=4 if num_workers > 0 else None,
+        )
+        self.position = 0
+        self._iter: Optional[Iterator[Any]] = None
+
+    def __iter__(self) -> "ImageLoader":
+        return self
+
+    def __next__(self) -> Batch:
+        if self._iter is None:
+            self.stream.start = self.position
+            self._iter = iter(self.loader)
+        batch = next(self._iter)
+        if isinstance(batch, _LoadError):
+            raise UserError(batch.message)
+        images, labels = batch
+        self.position += images.shape[0]
+        return images, ({"y": labels} if self.class_cond else {})
+
+    def state_dict(self) -> Dict[str, int]:
+        """The loader's position: images handed out so far (epoch = position // shard size)."""
+        return {"position": self.position, "shard_size": len(self.dataset), "seed": self.stream.seed}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        """Continue from a saved position (the next batch is the one after the saved ones)."""
+        self.position = int(state["position"])
+        self._iter = None
