@@ -1,0 +1,105 @@
+"""Golden and invariant tests for improved_diffusion.resample (see tests/fixtures/README.md)."""
+
+import numpy as np
+import pytest
+import torch
+
+from golden import assert_golden, golden
+from improved_diffusion import dist_util
+from improved_diffusion.errors import UserError
+from improved_diffusion.resample import (
+    LossSecondMomentResampler,
+    UniformSampler,
+    create_named_schedule_sampler,
+)
+from improved_diffusion.script_util import create_gaussian_diffusion
+
+RS = "resample.npz"
+WEIGHTS = dict(rtol=1e-12, atol=0)
+SAMPLERS = {"default": {}, "h3_u0.1": dict(history_per_term=3, uniform_prob=0.1)}
+
+
+def diffusion():
+    return create_gaussian_diffusion(steps=int(golden(RS, "num_timesteps")), noise_schedule="cosine")
+
+
+def test_golden_records_the_np_int_quirk_and_we_construct_on_numpy_2():
+    # The original's constructor used the removed ``np.int`` alias; ours must build anyway.
+    assert bool(golden(RS, "npint_bug")) is True
+    assert int(np.__version__.split(".")[0]) >= 2
+    sampler = LossSecondMomentResampler(diffusion())
+    assert sampler.history_per_term == 10 and sampler.uniform_prob == 0.001
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_loss_second_moment_golden(name):
+    sampler = LossSecondMomentResampler(diffusion(), **SAMPLERS[name])
+    assert sampler.history_per_term == int(golden(RS, f"{name}.history_per_term"))
+    assert sampler.uniform_prob == float(golden(RS, f"{name}.uniform_prob"))
+    assert_golden(sampler.weights(), RS, f"{name}.weights_initial", **WEIGHTS)
+    weights, warmed = [], []
+    for ts, losses in zip(golden(RS, "calls.ts"), golden(RS, "calls.losses")):
+        sampler.update_with_all_losses([int(t) for t in ts], [float(loss) for loss in losses])
+        weights.append(sampler.weights())
+        warmed.append(sampler._warmed_up())
+    assert_golden(np.stack(weights), RS, f"{name}.weights_after_call", **WEIGHTS)
+    np.testing.assert_array_equal(np.array(warmed), golden(RS, f"{name}.warmed_up_after_call"))
+    assert_golden(sampler._loss_history, RS, f"{name}.final_loss_history", **WEIGHTS)
+    np.testing.assert_array_equal(sampler._loss_counts, golden(RS, f"{name}.final_loss_counts"))
+    np.random.seed(int(golden(RS, f"{name}.sample.np_seed")))
+    indices, sample_weights = sampler.sample(16, "cpu")
+    assert indices.dtype == torch.int64 and sample_weights.dtype == torch.float32
+    np.testing.assert_array_equal(indices.numpy(), golden(RS, f"{name}.sample.indices"))
+    np.testing.assert_array_equal(sample_weights.numpy(), golden(RS, f"{name}.sample.weights"))
+
+
+def test_uniform_sampler_golden():
+    sampler = UniformSampler(diffusion())
+    assert_golden(sampler.weights(), RS, "uniform.weights", **WEIGHTS)
+    big = create_gaussian_diffusion(steps=4000, noise_schedule="cosine")
+    assert_golden(UniformSampler(big).weights(), RS, "uniform4000.weights", **WEIGHTS)
+    np.random.seed(123)
+    indices, weights = sampler.sample(16, "cpu")
+    np.testing.assert_array_equal(indices.numpy(), golden(RS, "uniform.sample.indices"))
+    np.testing.assert_array_equal(weights.numpy(), golden(RS, "uniform.sample.weights"))
+
+
+def test_create_named_schedule_sampler():
+    d = diffusion()
+    assert type(create_named_schedule_sampler("uniform", d)) is UniformSampler
+    assert type(create_named_schedule_sampler("loss-second-moment", d)) is LossSecondMomentResampler
+    with pytest.raises(UserError, match=r"--schedule_sampler 'importance'.*'uniform', 'loss-second-moment'"):
+        create_named_schedule_sampler("importance", d)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(history_per_term=0), r"history_per_term 0: expected a positive integer"),
+        (dict(uniform_prob=1.5), r"uniform_prob 1.5: expected a probability in \[0, 1\]"),
+    ],
+)
+def test_bad_resampler_arguments_raise_user_error(kwargs, match):
+    with pytest.raises(UserError, match=match):
+        LossSecondMomentResampler(diffusion(), **kwargs)
+
+
+def test_update_with_local_losses_single_process_equals_all_losses():
+    direct, local = LossSecondMomentResampler(diffusion()), LossSecondMomentResampler(diffusion())
+    for ts, losses in zip(golden(RS, "calls.ts"), golden(RS, "calls.losses")):
+        direct.update_with_all_losses(ts.tolist(), losses.tolist())
+        local.update_with_local_losses(torch.from_numpy(ts), torch.from_numpy(losses).requires_grad_())
+    np.testing.assert_array_equal(local.weights(), direct.weights())
+
+
+def test_update_with_local_losses_uses_every_rank_in_rank_order(monkeypatch):
+    # Two simulated ranks with unequal batch sizes: rank 0 has 2 examples, rank 1 has 3.
+    other_rank = {False: torch.tensor([1, 2, 3]), True: torch.tensor([0.5, 0.25, 0.125])}
+    monkeypatch.setattr(
+        dist_util, "all_gather_tensors", lambda tensor: [tensor, other_rank[tensor.is_floating_point()]]
+    )
+    received = []
+    sampler = LossSecondMomentResampler(diffusion())
+    sampler.update_with_all_losses = lambda ts, losses: received.append((ts, losses))
+    sampler.update_with_local_losses(torch.tensor([7, 8]), torch.tensor([2.0, 4.0]))
+    assert received == [([7, 8, 1, 2, 3], [2.0, 4.0, 0.5, 0.25, 0.125])]
