@@ -6,29 +6,26 @@ process and its posterior (§2), learned reverse-process variances and the hybri
 coefficient are NumPy float64 arrays computed once; everything done with a model's output
 is float32 (the network itself may run under autocast).
 
-Paper equation -> function:
+Paper equation -> function (equation numbers as printed in the papers):
 
-==========================================  ==========================================
-[IDDPM Eq. 1, 7-9] forward process, q_sample  :meth:`GaussianDiffusion.q_sample`,
-                                            :meth:`GaussianDiffusion.q_mean_variance`
-[IDDPM Eq. 10-12] posterior q(x_{t-1}|x_t,x_0) :meth:`GaussianDiffusion.q_posterior_mean_variance`
-[IDDPM Eq. 2] reverse process p(x_{t-1}|x_t)  :meth:`GaussianDiffusion.p_mean_variance`
-[IDDPM Eq. 9] solved for x_0 (eps -> x_0)   :meth:`GaussianDiffusion._predict_xstart_from_eps`
-[IDDPM Eq. 11] solved for x_0 (x_{t-1} -> x_0) :meth:`GaussianDiffusion._predict_xstart_from_xprev`
-[IDDPM Eq. 13] / [DDPM Eq. 11] mean from eps  via posterior of pred_xstart (same value)
-[IDDPM Eq. 15] learned-range variance       :meth:`GaussianDiffusion._p_from_model_output`
-[DDPM Alg. 2] ancestral sampling step       :meth:`GaussianDiffusion.p_sample`
-[IDDPM Eq. 14] L_simple                      :meth:`GaussianDiffusion.training_losses`
-[IDDPM Eq. 16] L_hybrid (stop-grad on mean) :meth:`GaussianDiffusion.training_losses`
-[IDDPM Eq. 3-5] L_vlb terms L_0, L_{t-1}    :meth:`GaussianDiffusion._vb_terms_bpd`
-[IDDPM Eq. 6] prior term L_T                :meth:`GaussianDiffusion._prior_bpd`
-[IDDPM Eq. 3] full bound in bits/dim        :meth:`GaussianDiffusion.calc_bpd_loop`
-[IDDPM Eq. 17] cosine schedule, §3.2 clip   :func:`get_named_beta_schedule`,
-                                            :func:`betas_for_alpha_bar`
-[DDIM Eq. 12, 16] DDIM step with eta        :meth:`GaussianDiffusion.ddim_sample`
-[DDIM §4.3] DDIM inversion (ODE encoding)   :meth:`GaussianDiffusion.ddim_reverse_sample`
-[DDPM Eq. 13] discretized decoder           :func:`.losses.discretized_gaussian_log_likelihood`
-==========================================  ==========================================
+- [IDDPM Eq. 7-9] q(x_t | x_0) and its reparametrised sample: ``q_mean_variance``, ``q_sample``
+- [IDDPM Eq. 8] alpha_t, abar_t and every derived table: ``GaussianDiffusion.__init__``
+- [IDDPM Eq. 10-12] posterior q(x_{t-1} | x_t, x_0): ``q_posterior_mean_variance``
+- [IDDPM Eq. 2] reverse step p(x_{t-1} | x_t): ``p_mean_variance``
+- [IDDPM Eq. 9] solved for x_0 / for eps: ``_predict_xstart_from_eps``, ``_predict_eps_from_xstart``
+- [IDDPM Eq. 11] solved for x_0: ``_predict_xstart_from_xprev``
+- [IDDPM Eq. 13] = [DDPM Eq. 11] mean from eps: ``p_mean_variance`` (posterior mean of pred_xstart)
+- [IDDPM Eq. 15] learned-range variance: ``_p_from_model_output`` (behind ``p_mean_variance``)
+- [DDPM Alg. 2] ancestral sampling: ``p_sample``, ``p_sample_loop(_progressive)``
+- [IDDPM Eq. 14] L_simple, [IDDPM Eq. 16] L_hybrid (stop-gradient on the mean): ``training_losses``
+- [IDDPM Eq. 4, 5] bound terms L_0 and L_{t-1} in bits: ``_vb_terms_bpd``
+- [DDPM Eq. 13] discretized decoder: :func:`.losses.discretized_gaussian_log_likelihood`
+- [IDDPM Eq. 6] prior term L_T: ``_prior_bpd``
+- [IDDPM Eq. 3] the whole bound in bits/dim: ``calc_bpd_loop``
+- [IDDPM Eq. 17] and §3.2 (beta clipped at 0.999) cosine schedule: ``get_named_beta_schedule``,
+  ``betas_for_alpha_bar``
+- [DDIM Eq. 12] step with sigma_t(eta) of [DDIM Eq. 16]: ``ddim_sample``, ``ddim_sample_loop(_progressive)``
+- [DDIM §4.3] (reversing the ODE of [DDIM Eq. 14]) DDIM encoding: ``ddim_reverse_sample``
 
 Strided (respaced) sampling, [IDDPM §4], lives in :mod:`.respace`; importance sampling of t
 ([IDDPM Eq. 18]) in :mod:`.resample`.
@@ -129,10 +126,10 @@ class ModelVarType(enum.Enum):
 class LossType(enum.Enum):
     """The training objective."""
 
-    MSE = enum.auto()  # L_simple [IDDPM Eq. 14], plus L_vlb for learned variances (L_hybrid)
-    RESCALED_MSE = enum.auto()  # as MSE, with L_vlb scaled by T/1000 [IDDPM Eq. 16, lambda]
-    KL = enum.auto()  # the variational bound term L_t [IDDPM Eq. 5]
-    RESCALED_KL = enum.auto()  # as KL, times T (an estimate of the whole bound)
+    MSE = enum.auto()  # L_simple [IDDPM Eq. 14], plus one bound term L_t for learned variances
+    RESCALED_MSE = enum.auto()  # L_hybrid [IDDPM Eq. 16]: lambda = 0.001 times L_vlb ~ T * L_t
+    KL = enum.auto()  # one variational bound term L_t [IDDPM Eq. 4, 5]
+    RESCALED_KL = enum.auto()  # as KL, times T: an estimate of the whole bound [IDDPM Eq. 3]
 
     def is_vb(self) -> bool:
         """True for the pure variational-bound losses (KL, RESCALED_KL)."""
@@ -616,7 +613,9 @@ class GaussianDiffusion:
         for i in indices:
             t = torch.full((shape[0],), i, dtype=torch.long, device=device)
             with torch.no_grad():
-                out = step(model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
+                out = step(
+                    model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
+                )
             yield out
             img = out["sample"]
 
@@ -633,10 +632,11 @@ class GaussianDiffusion:
         """
         Training losses for one timestep per example.
 
-        - KL / RESCALED_KL: the bound term L_t in bits [IDDPM Eq. 4-5] (times T when rescaled).
-        - MSE / RESCALED_MSE: L_simple [IDDPM Eq. 14]; with a learned variance plus the bound
-          term computed with the mean output detached, so it trains only the variance
-          (L_hybrid [IDDPM Eq. 16], lambda = T/1000 when rescaled, else 1).
+        - KL / RESCALED_KL: the bound term L_t in bits [IDDPM Eq. 4, 5] (times T when rescaled).
+        - MSE / RESCALED_MSE: L_simple [IDDPM Eq. 14]; with a learned variance, plus the bound
+          term L_t computed with the mean output detached, so that it trains only the variance
+          (L_hybrid [IDDPM Eq. 16]; RESCALED_MSE scales it by T/1000, i.e. lambda = 0.001
+          times the estimate T * L_t of L_vlb).
 
         :param x_start: (N, C, ...) data.
         :param t: (N,) int64 timesteps.
@@ -648,9 +648,8 @@ class GaussianDiffusion:
         x_t = self.q_sample(x_start, t, noise=noise)
         terms = {}
         if self.loss_type.is_vb():
-            terms["loss"] = self._vb_terms_bpd(model, x_start, x_t, t, clip_denoised=False, model_kwargs=model_kwargs)[
-                "output"
-            ]
+            vb = self._vb_terms_bpd(model, x_start, x_t, t, clip_denoised=False, model_kwargs=model_kwargs)
+            terms["loss"] = vb["output"]
             if self.loss_type == LossType.RESCALED_KL:
                 terms["loss"] = terms["loss"] * self.num_timesteps
             return terms
@@ -663,11 +662,11 @@ class GaussianDiffusion:
             C = x_t.shape[1]
             mean_output, var_values = torch.split(model_output, C, dim=1)
             frozen_output = torch.cat([mean_output.detach(), var_values], dim=1)
-            terms["vb"] = self._vb_terms_bpd(
-                None, x_start, x_t, t, clip_denoised=False, model_output=frozen_output
-            )["output"]
+            vb = self._vb_terms_bpd(None, x_start, x_t, t, clip_denoised=False, model_output=frozen_output)
+            terms["vb"] = vb["output"]
             if self.loss_type == LossType.RESCALED_MSE:
-                # lambda = T/1000 [IDDPM §3.1] keeps the bound term's scale independent of T.
+                # [IDDPM Eq. 16] with lambda = 0.001: L_vlb is estimated by T * L_t, so the
+                # term is L_t * T / 1000.
                 terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
             model_output = mean_output
 

@@ -36,7 +36,9 @@ def normal_kl(mean1: Number, logvar1: Number, mean2: Number, logvar2: Number) ->
     mean1, logvar1, mean2, logvar2 = (
         obj if isinstance(obj, torch.Tensor) else torch.tensor(obj).to(like) for obj in (mean1, logvar1, mean2, logvar2)
     )
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + ((mean1 - mean2) ** 2) * torch.exp(-logvar2))
+    return 0.5 * (
+        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + ((mean1 - mean2) ** 2) * torch.exp(-logvar2)
+    )
 
 
 def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:

@@ -417,7 +417,9 @@ def test_bad_schedule_arguments_raise_user_error(schedule, steps, match):
 
 
 def test_bad_diffusion_arguments_raise_user_error():
-    kwargs = dict(model_mean_type=ModelMeanType.EPSILON, model_var_type=ModelVarType.FIXED_LARGE, loss_type=LossType.MSE)
+    kwargs = dict(
+        model_mean_type=ModelMeanType.EPSILON, model_var_type=ModelVarType.FIXED_LARGE, loss_type=LossType.MSE
+    )
     with pytest.raises(UserError, match=r"betas must lie in \(0, 1\).*more than 20 diffusion steps"):
         GaussianDiffusion(betas=get_named_beta_schedule("linear", 20), **kwargs)
     diffusion = GaussianDiffusion(betas=get_named_beta_schedule("cosine", 10), **kwargs)

@@ -60,7 +60,10 @@ def test_bad_respacing_raises_user_error(steps, spec, match):
         space_timesteps(steps, spec)
 
 
-@pytest.mark.parametrize("key,steps,schedule,respacing", [("cosine4000.100", 4000, "cosine", "100"), ("linear1000.ddim50", 1000, "linear", "ddim50")])
+@pytest.mark.parametrize(
+    "key,steps,schedule,respacing",
+    [("cosine4000.100", 4000, "cosine", "100"), ("linear1000.ddim50", 1000, "linear", "ddim50")],
+)
 def test_respaced_diffusion_arrays_golden(key, steps, schedule, respacing):
     diffusion = create_gaussian_diffusion(steps=steps, noise_schedule=schedule, timestep_respacing=respacing)
     prefix = f"resp.{key}."
