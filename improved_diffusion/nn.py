@@ -1,0 +1,197 @@
+"""
+Layers and helpers shared by the UNet: the sinusoidal timestep embedding of [DDPM §3.2]
+(Transformer-style, as used by [IDDPM §4]), float32 group normalisation, dimension-generic
+convolution / pooling constructors, zero-initialisation helpers, gradient checkpointing, and
+the project's speed switches.
+
+Mixed precision: every layer here works under ``torch.autocast`` (float16 or bfloat16).
+:func:`normalization` always computes in float32 and casts back, as the original's GroupNorm32.
+"""
+
+import contextlib
+import dataclasses
+import math
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+# ---------------------------------------------------------------------------------------------
+# Speed switches: the one place for knobs that change speed but not results (within float32
+# tolerance). Read by the layers at call time; scripts set them once in main() and log
+# speed_switches_summary() once.
+
+
+@dataclasses.dataclass
+class SpeedSwitches:
+    """
+    Speed knobs of the network.
+
+    :param sdpa: attention through ``F.scaled_dot_product_attention`` (flash / memory-efficient
+        kernels on GPU) instead of the plain ``softmax(q k^T / sqrt(d)) v`` formula with a
+        float32 softmax. Both give the same numbers within float32 tolerance.
+    """
+
+    sdpa: bool = True
+
+
+SPEED = SpeedSwitches()
+
+
+def set_speed_switches(**switches: bool) -> None:
+    """Set speed switches by name, e.g. ``set_speed_switches(sdpa=False)``."""
+    for name, value in switches.items():
+        if not hasattr(SPEED, name):
+            known = ", ".join(f.name for f in dataclasses.fields(SpeedSwitches))
+            raise ValueError(f"unknown speed switch {name!r} (known: {known})")
+        setattr(SPEED, name, bool(value))
+
+
+@contextlib.contextmanager
+def speed_switches(**switches: bool) -> Iterator[SpeedSwitches]:
+    """Context manager that sets speed switches and restores the previous values on exit."""
+    saved = dataclasses.replace(SPEED)
+    set_speed_switches(**switches)
+    try:
+        yield SPEED
+    finally:
+        set_speed_switches(**dataclasses.asdict(saved))
+
+
+def speed_switches_summary() -> str:
+    """One line describing the current speed switches, for the log."""
+    return "speed switches: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(SPEED).items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+
+# The original defined its own SiLU for old PyTorch versions; torch's is the same function.
+SiLU = nn.SiLU
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm evaluated in float32 (autocast off) and cast back to the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            out = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
+        return out.to(x.dtype)
+
+
+def normalization(channels: int) -> nn.Module:
+    """
+    The standard normalisation layer: GroupNorm with 32 groups, computed in float32.
+
+    :param channels: number of input channels (a multiple of 32).
+    :return: an ``nn.Module`` mapping ``(N, channels, ...)`` to the same shape and dtype.
+    """
+    return GroupNorm32(32, channels)
+
+
+_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_AVG_POOLS = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+
+
+def _by_dims(table: dict, dims: int, what: str) -> type:
+    if dims not in table:
+        raise ValueError(f"unsupported dimensions for {what}: {dims} (expected 1, 2 or 3)")
+    return table[dims]
+
+
+def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
+    """A 1D, 2D or 3D convolution module (arguments as for ``nn.ConvNd``)."""
+    return _by_dims(_CONVS, dims, "conv_nd")(*args, **kwargs)
+
+
+def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
+    """A 1D, 2D or 3D average pooling module (arguments as for ``nn.AvgPoolNd``)."""
+    return _by_dims(_AVG_POOLS, dims, "avg_pool_nd")(*args, **kwargs)
+
+
+def linear(*args, **kwargs) -> nn.Module:
+    """A linear module (arguments as for ``nn.Linear``)."""
+    return nn.Linear(*args, **kwargs)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero the parameters of ``module`` in place and return it."""
+    for p in module.parameters():
+        p.detach().zero_()
+    return module
+
+
+def scale_module(module: nn.Module, scale: float) -> nn.Module:
+    """Multiply the parameters of ``module`` by ``scale`` in place and return it."""
+    for p in module.parameters():
+        p.detach().mul_(scale)
+    return module
+
+
+def mean_flat(tensor: torch.Tensor) -> torch.Tensor:
+    """
+    Mean over all non-batch dimensions.
+
+    :param tensor: shape ``(N, ...)``.
+    :return: shape ``(N,)``, same dtype.
+    """
+    return tensor.mean(dim=list(range(1, len(tensor.shape))))
+
+
+@torch.no_grad()
+def update_ema(target_params: Iterable[torch.Tensor], source_params: Iterable[torch.Tensor], rate: float = 0.99) -> None:
+    """
+    Move target parameters towards source parameters: ``target = rate * target + (1 - rate) * source``.
+
+    :param target_params: the EMA parameters, updated in place.
+    :param source_params: the current model parameters.
+    :param rate: the EMA rate (closer to 1 = slower).
+    """
+    for targ, src in zip(target_params, source_params):
+        targ.mul_(rate).add_(src, alpha=1 - rate)
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
+    """
+    Sinusoidal timestep embeddings [DDPM §3.2, Appendix B]: cosines of ``t * f_i`` then sines,
+    with ``f_i = exp(-ln(max_period) * i / half)`` computed in float32 (``half = dim // 2``).
+
+    :param timesteps: shape ``(N,)``, integer or float (fractional timesteps are allowed).
+    :param dim: embedding width; an odd width gets one zero column at the end.
+    :param max_period: controls the lowest frequency.
+    :return: shape ``(N, dim)``, float32.
+    """
+    half = dim // 2
+    # Multiply by the scalar first, then divide by half: the golden vectors pin this order.
+    freqs = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    freqs = torch.exp(freqs)  # (half,)
+    args = timesteps[:, None].float() * freqs[None]  # (N, 1) * (1, half) -> (N, half)
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, 2 * half)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)  # (N, dim)
+    return embedding
+
+
+def checkpoint(
+    func: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], params: Iterable[torch.Tensor], flag: bool
+) -> torch.Tensor:
+    """
+    Evaluate ``func(*inputs)``, with gradient checkpointing when ``flag`` is set: activations
+    are not kept and are recomputed in the backward pass, trading compute for memory.
+
+    Built on ``torch.utils.checkpoint`` (non-reentrant), which finds the parameters ``func``
+    uses by itself and restores the RNG state (dropout) for the recomputation.
+
+    :param func: the function to evaluate.
+    :param inputs: the positional arguments of ``func``.
+    :param params: the parameters ``func`` depends on; kept for the original's signature and
+        not needed by the non-reentrant implementation.
+    :param flag: if False, just call ``func``.
+    :return: ``func(*inputs)``.
+    """
+    del params  # the non-reentrant checkpoint tracks parameters itself
+    if flag and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(func, *inputs, use_reentrant=False)
+    return func(*inputs)

@@ -1,0 +1,246 @@
+"""Tests for improved_diffusion.unet: golden outputs of the original, attention, precision, layouts."""
+
+import itertools
+
+import pytest
+import torch
+from golden import load_pt
+
+from improved_diffusion import script_util
+from improved_diffusion.errors import UserError
+from improved_diffusion.nn import speed_switches
+from improved_diffusion.unet import AttentionBlock, SuperResModel, UNetModel, attention
+
+GOLDEN_ATOL = 1e-5  # README: UNet outputs, float32, eval mode
+FLOAT32 = dict(rtol=1e-5, atol=1e-5)
+# bfloat16 keeps 8 mantissa bits; on the 16x16 golden-weight run the measured relative L2
+# error of the whole output is 1.1e-2 (3.8e-2 at 8x8, where GroupNorm statistics use fewer positions).
+BF16_REL_L2 = 3e-2
+
+
+def _golden_model(name: str):
+    """The golden file's dict and its model, built as the original built it and loaded strictly."""
+    data = load_pt(name)
+    if name == "unet_superres.pt":
+        model = SuperResModel(**data["kwargs"])
+    else:
+        model = script_util.create_model_and_diffusion(**data["kwargs"])[0]
+    model.load_state_dict(data["state_dict"], strict=True)
+    model.eval()  # dropout off, as the golden outputs were made
+    assert sum(p.numel() for p in model.parameters()) == data["n_params"]
+    return data, model
+
+
+def _extras(data: dict) -> dict:
+    return {k: data[k] for k in ("y", "low_res") if k in data}
+
+
+@pytest.mark.parametrize(
+    "name,sdpa",
+    # The plain attention formula is checked on the smallest model only (time budget).
+    [("unet_small.pt", True), ("unet_small64.pt", True), ("unet_superres.pt", True), ("unet_superres.pt", False)],
+)
+def test_golden_outputs(name, sdpa):
+    data, model = _golden_model(name)
+    with torch.no_grad(), speed_switches(sdpa=sdpa):
+        out = model(data["x"], data["timesteps"], **_extras(data))
+        torch.testing.assert_close(out, data["output"], rtol=0, atol=GOLDEN_ATOL)
+        if "output_float_t" in data:
+            out = model(data["x"], data["timesteps_float"], **_extras(data))
+            torch.testing.assert_close(out, data["output_float_t"], rtol=0, atol=GOLDEN_ATOL)
+
+
+def test_superres_upsamples_low_res_like_the_original():
+    data = load_pt("unet_superres.pt")
+    up = SuperResModel.upsample_low_res(data["x"], data["low_res"])
+    torch.testing.assert_close(up, data["low_res_upsampled"], rtol=0, atol=1e-6)
+
+
+def test_superres_requires_low_res():
+    data, model = _golden_model("unet_superres.pt")
+    with pytest.raises(UserError, match=r"super-resolution model needs low_res="):
+        model(data["x"], data["timesteps"], y=data["y"])
+
+
+def test_golden_state_dict_keys_in_order():
+    data, model = _golden_model("unet_small.pt")
+    assert list(model.state_dict().keys()) == list(data["state_dict"].keys())
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in data["state_dict"].items()}
+
+
+@pytest.mark.parametrize("heads", [1, 2, 4])
+def test_sdpa_attention_equals_plain_formula(heads):
+    qkv = torch.randn(3, 3 * 64, 50) * 2  # logits of a few units, as in trained models
+    with speed_switches(sdpa=True):
+        fast = attention(qkv, heads)
+    with speed_switches(sdpa=False):
+        plain = attention(qkv, heads)
+    # Reference written out: per head group, channels are q, then k, then v.
+    d = 64 // heads
+    groups = qkv.reshape(3, heads, 3 * d, 50).double()
+    q, k, v = groups[:, :, :d], groups[:, :, d : 2 * d], groups[:, :, 2 * d :]
+    weights = torch.softmax(torch.einsum("nhct,nhcs->nhts", q, k) / d**0.5, dim=-1)
+    expected = torch.einsum("nhts,nhcs->nhct", weights, v).reshape(3, 64, 50).float()
+    torch.testing.assert_close(plain, expected, **FLOAT32)
+    torch.testing.assert_close(fast, expected, **FLOAT32)
+
+
+def test_attention_block_zero_initialised_is_identity():
+    block = AttentionBlock(32, num_heads=2)
+    x = torch.randn(2, 32, 4, 4)
+    torch.testing.assert_close(block(x), x, rtol=0, atol=0)
+
+
+def _tiny(**overrides) -> UNetModel:
+    kwargs = dict(
+        in_channels=3,
+        model_channels=32,
+        out_channels=6,
+        num_res_blocks=1,
+        attention_resolutions=(2,),
+        channel_mult=(1, 2),
+        num_heads=2,
+        use_scale_shift_norm=True,
+    )
+    kwargs.update(overrides)
+    model = UNetModel(**kwargs)
+    with torch.no_grad():  # make the zero-initialised layers non-zero so every path matters
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _loss_and_grads(model: UNetModel, x: torch.Tensor, t: torch.Tensor):
+    torch.manual_seed(1)  # same dropout masks in both runs
+    loss = model(x, t).square().mean()
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    return loss.detach(), grads
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    plain = _tiny(dropout=0.1)
+    ckpt = _tiny(dropout=0.1, use_checkpoint=True)
+    ckpt.load_state_dict(plain.state_dict())
+    plain.train(), ckpt.train()  # dropout on: checkpointing must replay the same masks
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 500])
+    loss_plain, grads_plain = _loss_and_grads(plain, x, t)
+    loss_ckpt, grads_ckpt = _loss_and_grads(ckpt, x, t)
+    torch.testing.assert_close(loss_ckpt, loss_plain, rtol=0, atol=0)
+    for g_ckpt, g_plain in zip(grads_ckpt, grads_plain):
+        torch.testing.assert_close(g_ckpt, g_plain, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dims,shape", [(1, (2, 3, 16)), (3, (2, 3, 2, 8, 8))])
+def test_dims_1_and_3_forward_shapes(dims, shape):
+    model = _tiny(dims=dims)
+    out = model(torch.randn(shape), torch.tensor([1, 2]))
+    assert out.shape == (shape[0], 6) + shape[2:]
+
+
+def test_no_conv_resample_has_no_resampling_weights():
+    model = _tiny(conv_resample=False)
+    assert not any(k.endswith((".op.weight", ".conv.weight")) for k in model.state_dict())
+    assert model(torch.randn(1, 3, 8, 8), torch.tensor([4])).shape == (1, 6, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "attention_resolutions,num_heads_upsample",
+    list(itertools.product([(), (1,), (2,), (1, 2), (4,)], [-1, 1, 4])),
+)
+def test_attention_layout_sweep_builds_and_runs(attention_resolutions, num_heads_upsample):
+    model = _tiny(attention_resolutions=attention_resolutions, num_heads_upsample=num_heads_upsample)
+    blocks = [m for m in model.modules() if isinstance(m, AttentionBlock)]
+    levels = [ds for ds in (1, 2) if ds in attention_resolutions]
+    # num_res_blocks = 1: one attention per level on the way down, two on the way up, one in the middle
+    assert len(blocks) == 3 * len(levels) + 1
+    up_heads = 2 if num_heads_upsample == -1 else num_heads_upsample
+    assert [b.num_heads for b in model.output_blocks.modules() if isinstance(b, AttentionBlock)] == [up_heads] * (
+        2 * len(levels)
+    )
+    assert model.middle_block[1].num_heads == 2
+    assert model(torch.randn(1, 3, 8, 8), torch.tensor([7])).shape == (1, 6, 8, 8)
+
+
+def test_unsupported_image_size_names_the_flag():
+    kwargs = script_util.model_and_diffusion_defaults()
+    kwargs.update(image_size=48, num_channels=32)
+    with pytest.raises(UserError, match=r"--image_size 48 has no default channel multipliers.*--channel_mult"):
+        script_util.create_model_and_diffusion(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(model_channels=48), r"--num_channels: 48 channels cannot be split into 32 normalization groups"),
+        (dict(num_heads=3), r"--num_heads: 32 channels cannot be split into 3 attention heads"),
+        (dict(num_heads_upsample=5), r"--num_heads_upsample: 32 channels cannot be split into 5 attention heads"),
+    ],
+)
+def test_bad_widths_name_the_flag(overrides, message):
+    with pytest.raises(UserError, match=message):
+        _tiny(**overrides)
+
+
+def test_labels_for_unconditional_model_raise():
+    model = _tiny()
+    with pytest.raises(UserError, match=r"labels y were given to a model built without classes \(--class_cond False\)"):
+        model(torch.randn(1, 3, 8, 8), torch.tensor([1]), y=torch.tensor([0]))
+
+
+def test_missing_labels_for_conditional_model_raise():
+    model = _tiny(num_classes=10)
+    with pytest.raises(UserError, match=r"class-conditional \(10 classes, --class_cond True\) and needs labels y"):
+        model(torch.randn(1, 3, 8, 8), torch.tensor([1]))
+    assert model(torch.randn(1, 3, 8, 8), torch.tensor([1]), y=torch.tensor([9])).shape == (1, 6, 8, 8)
+
+
+def test_scalar_timestep_is_broadcast():
+    model = _tiny().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, torch.tensor(5)), model(x, torch.tensor([5, 5])), rtol=0, atol=0)
+
+
+def test_bf16_autocast_on_cpu_is_close_to_float32():
+    data, model = _golden_model("unet_small.pt")
+    x = data["x"][:, :, :16, :16]  # the 32px model runs at 16px too; bf16 convs on CPU are slow
+    with torch.no_grad():
+        ref = model(x, data["timesteps"], y=data["y"])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, data["timesteps"], y=data["y"])
+    assert out.dtype == torch.float32  # output cast back to the input's dtype
+    rel = (out - ref).norm() / ref.norm()
+    assert rel < BF16_REL_L2, f"relative L2 error {rel:.3g}"
+
+
+def test_channels_last_gives_the_same_output():
+    data, model = _golden_model("unet_small.pt")
+    model = model.to(memory_format=torch.channels_last)
+    x = data["x"].contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = model(x, data["timesteps"], y=data["y"])
+    torch.testing.assert_close(out, data["output"], rtol=0, atol=GOLDEN_ATOL)
+
+
+def test_convert_to_fp16_and_back():
+    model = _tiny().eval()
+    x, t = torch.randn(1, 3, 8, 8), torch.tensor([10])
+    with torch.no_grad():
+        ref = model(x, t)
+        model.convert_to_fp16()
+        assert model.dtype == model.inner_dtype == torch.float16
+        assert model.out[2].weight.dtype == torch.float32  # only the torso is converted
+        out = model(x, t)
+    assert out.dtype == torch.float32
+    assert (out - ref).norm() / ref.norm() < 1e-2
+    model.convert_to_fp32()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_feature_vectors_follow_the_blocks():
+    model = _tiny().eval()
+    with torch.no_grad():
+        features = model.get_feature_vectors(torch.randn(1, 3, 8, 8), torch.tensor([3]))
+    assert len(features["down"]) == len(model.input_blocks)
+    assert len(features["up"]) == len(model.output_blocks)
+    assert features["middle"][0].shape == (1, 64, 4, 4)
