@@ -382,6 +382,31 @@ def test_extract_into_tensor_gathers_in_float64_then_casts():
     assert gd._device_table(arr, t.device) is table  # cached: no host-to-device copy per step
 
 
+def test_device_table_cache_entry_goes_away_with_its_array():
+    arr = np.linspace(0.1, 0.9, 5)
+    gd._extract_into_tensor(arr, torch.tensor([1]), (1,))
+    key = (id(arr), torch.device("cpu"))
+    assert key in gd._DEVICE_TABLES
+    del arr
+    assert key not in gd._DEVICE_TABLES
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_golden():
+    name = "diffusion_g_hybrid_cosine20.npz"
+    diffusion, model, device = diffusion_for(name), toy_for(name), torch.device("cuda")
+    _, x_start, t, x_t = x_t_for(name, "A.")
+    out = diffusion.p_mean_variance(model, x_t.to(device), t.to(device))
+    for key in ("mean", "log_variance", "pred_xstart"):
+        assert_golden(out[key], name, f"A.p_mean_variance.{key}", **P)
+    noise = tensor(name, "noise").to(device)
+    terms = diffusion.training_losses(model, x_start.to(device), t.to(device), noise=noise)
+    assert_golden(terms["loss"], name, "A.training_losses.loss", **P)
+    out = diffusion.ddim_sample_loop(model, (2, 3, 8, 8), noise=tensor(name, "loop.start_noise").to(device))
+    assert_golden(out, name, "loop.ddim_eta0.output", **LOOP)
+
+
 def test_no_other_code_turns_schedules_into_tensors():
     import improved_diffusion
 

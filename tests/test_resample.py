@@ -1,5 +1,8 @@
 """Golden and invariant tests for improved_diffusion.resample (see tests/fixtures/README.md)."""
 
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -103,3 +106,54 @@ def test_update_with_local_losses_uses_every_rank_in_rank_order(monkeypatch):
     sampler.update_with_all_losses = lambda ts, losses: received.append((ts, losses))
     sampler.update_with_local_losses(torch.tensor([7, 8]), torch.tensor([2.0, 4.0]))
     assert received == [([7, 8, 1, 2, 3], [2.0, 4.0, 0.5, 0.25, 0.125])]
+
+
+_TWO_RANK_SCRIPT = """
+import json
+import torch
+from improved_diffusion import dist_util
+from improved_diffusion.resample import LossSecondMomentResampler
+from improved_diffusion.script_util import create_gaussian_diffusion
+
+dist_util.setup_dist()
+rank = dist_util.get_rank()
+sampler = LossSecondMomentResampler(create_gaussian_diffusion(steps=10, noise_schedule="cosine"), history_per_term=2)
+# Rank 0 has 3 examples per call, rank 1 has 7 (unequal batch sizes); together they cover all t twice.
+for call in range(2):
+    ts = torch.arange(10)[:3] if rank == 0 else torch.arange(10)[3:]
+    sampler.update_with_local_losses(ts, (ts + 1.0 + call) * (rank + 1))
+print("WEIGHTS", rank, json.dumps(sampler.weights().tolist()), flush=True)
+dist_util.cleanup()
+"""
+
+
+def test_update_with_local_losses_two_ranks_unequal_batches(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="")
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _TWO_RANK_SCRIPT], env=env, cwd=tmp_path, stdout=subprocess.PIPE, text=True
+            )
+        )
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    weights = [
+        json.loads(line.split(" ", 2)[2]) for out in outputs for line in out.splitlines() if line.startswith("WEIGHTS")
+    ]
+    # Every rank saw every rank's losses: t < 3 from rank 0 (scale 1), t >= 3 from rank 1 (scale 2).
+    t = np.arange(10)
+    history = np.stack([(t + 1.0), (t + 2.0)], axis=1) * np.where(t < 3, 1, 2)[:, None]
+    expected = np.sqrt(np.mean(history**2, axis=1))
+    expected = expected / expected.sum() * (1 - 0.001) + 0.001 / 10
+    assert len(weights) == 2
+    for w in weights:
+        np.testing.assert_allclose(w, expected, rtol=1e-12, atol=0)
