@@ -15,7 +15,7 @@ Paper equation -> function (equation numbers as printed in the papers):
 - [IDDPM Eq. 9] solved for x_0 / for eps: ``_predict_xstart_from_eps``, ``_predict_eps_from_xstart``
 - [IDDPM Eq. 11] solved for x_0: ``_predict_xstart_from_xprev``
 - [IDDPM Eq. 13] = [DDPM Eq. 11] mean from eps: ``p_mean_variance`` (posterior mean of pred_xstart)
-- [IDDPM Eq. 15] learned-range variance: ``_p_from_model_output`` (behind ``p_mean_variance``)
+- [IDDPM Eq. 15] learned-range variance: ``_model_variance`` (behind ``p_mean_variance``)
 - [DDPM Alg. 2] ancestral sampling: ``p_sample``, ``p_sample_loop(_progressive)``
 - [IDDPM Eq. 14] L_simple, [IDDPM Eq. 16] L_hybrid (stop-gradient on the mean): ``training_losses``
 - [IDDPM Eq. 4, 5] bound terms L_0 and L_{t-1} in bits: ``_vb_terms_bpd``
@@ -345,29 +345,9 @@ class GaussianDiffusion:
         denoised_fn: Optional[Callable[[torch.Tensor], torch.Tensor]],
     ) -> Dict[str, torch.Tensor]:
         """:meth:`p_mean_variance` for a float32 model output already computed."""
-        B, C = x.shape[:2]
-        assert t.shape == (B,)
+        assert t.shape == (x.shape[0],)
         # 1. Variance: learned [IDDPM Eq. 15] or fixed (beta-tilde [IDDPM Eq. 12], or beta).
-        if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
-            assert model_output.shape == (B, C * 2, *x.shape[2:])
-            model_output, model_var_values = torch.split(model_output, C, dim=1)
-            if self.model_var_type == ModelVarType.LEARNED:
-                model_log_variance = model_var_values
-            else:
-                min_log = _extract_into_tensor(self.posterior_log_variance_clipped, t, x.shape)
-                max_log = _extract_into_tensor(self._log_betas, t, x.shape)
-                # The model's v in [-1, 1] becomes the interpolation weight in [0, 1].
-                frac = (model_var_values + 1) / 2
-                model_log_variance = frac * max_log + (1 - frac) * min_log
-            model_variance = torch.exp(model_log_variance)
-        else:
-            if self.model_var_type == ModelVarType.FIXED_LARGE:
-                # beta_t, with beta-tilde_1 at t = 0 so the decoder variance is sensible.
-                variance, log_variance = self._large_variance, self._large_log_variance
-            else:
-                variance, log_variance = self.posterior_variance, self.posterior_log_variance_clipped
-            model_variance = _extract_into_tensor(variance, t, x.shape)
-            model_log_variance = _extract_into_tensor(log_variance, t, x.shape)
+        model_output, model_variance, model_log_variance = self._model_variance(model_output, x, t)
 
         # 2. Predicted x_0, then the mean as the posterior mean at that x_0 [IDDPM Eq. 11, 13].
         def process_xstart(pred: torch.Tensor) -> torch.Tensor:
@@ -394,6 +374,40 @@ class GaussianDiffusion:
             "log_variance": model_log_variance,
             "pred_xstart": pred_xstart,
         }
+
+    def _model_variance(
+        self, model_output: torch.Tensor, x: torch.Tensor, t: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        The reverse-process variance for ``model_var_type``.
+
+        :param model_output: (N, C, ...) or, for learned variances, (N, 2C, ...) float32.
+        :return: (mean channels (N, C, ...), variance, log_variance), the last two of x's shape.
+        """
+        if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
+            B, C = x.shape[:2]
+            assert model_output.shape == (B, C * 2, *x.shape[2:])
+            model_output, model_var_values = torch.split(model_output, C, dim=1)
+            if self.model_var_type == ModelVarType.LEARNED:
+                model_log_variance = model_var_values
+            else:
+                # [IDDPM Eq. 15]: v in [-1, 1] becomes the weight (v + 1) / 2 of log beta_t
+                # against log beta-tilde_t.
+                min_log = _extract_into_tensor(self.posterior_log_variance_clipped, t, x.shape)
+                max_log = _extract_into_tensor(self._log_betas, t, x.shape)
+                frac = (model_var_values + 1) / 2
+                model_log_variance = frac * max_log + (1 - frac) * min_log
+            return model_output, torch.exp(model_log_variance), model_log_variance
+        if self.model_var_type == ModelVarType.FIXED_LARGE:
+            # beta_t, with beta-tilde_1 at t = 0 so that the decoder variance is sensible.
+            variance, log_variance = self._large_variance, self._large_log_variance
+        else:
+            variance, log_variance = self.posterior_variance, self.posterior_log_variance_clipped
+        return (
+            model_output,
+            _extract_into_tensor(variance, t, x.shape),
+            _extract_into_tensor(log_variance, t, x.shape),
+        )
 
     def _predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_0 from x_t and eps: [IDDPM Eq. 9] solved for x_0."""
@@ -757,7 +771,6 @@ class GaussianDiffusion:
         if isinstance(timestep_batch, bool) or int(timestep_batch) != timestep_batch or timestep_batch < 1:
             raise UserError(f"--timestep_batch {timestep_batch!r}: expected a positive integer")
         timestep_batch = int(timestep_batch)
-        num_images = x_start.shape[0]
         order = list(range(self.num_timesteps - 1, -1, -1))
         chunks = [order[i : i + timestep_batch] for i in range(0, len(order), timestep_batch)]
         bar = None
@@ -767,23 +780,8 @@ class GaussianDiffusion:
             bar = tqdm(total=self.num_timesteps)
         columns: Dict[str, List[torch.Tensor]] = {"vb": [], "xstart_mse": [], "mse": []}
         for chunk in chunks:
-            # K = len(chunk) copies of the N images, one timestep per copy, noise drawn in t order.
-            noise = torch.cat([torch.randn_like(x_start) for _ in chunk])
-            t = torch.tensor(chunk, dtype=torch.long, device=x_start.device).repeat_interleave(num_images)
-            x_rep = _repeat_batch(x_start, len(chunk))
-            kwargs_rep = {k: _repeat_batch(v, len(chunk)) for k, v in (model_kwargs or {}).items()}
-            x_t = self.q_sample(x_start=x_rep, t=t, noise=noise)
-            with torch.no_grad():
-                out = self._vb_terms_bpd(model, x_rep, x_t, t, clip_denoised=clip_denoised, model_kwargs=kwargs_rep)
-            eps = self._predict_eps_from_xstart(x_t, t, out["pred_xstart"])
-            values = {
-                "vb": out["output"],
-                "xstart_mse": mean_flat((out["pred_xstart"] - x_rep) ** 2),
-                "mse": mean_flat((eps - noise) ** 2),
-            }
-            for key, value in values.items():
-                # (K * N,) -> (N, K): column j is chunk[j].
-                columns[key].append(value.reshape(len(chunk), num_images).t())
+            for key, value in self._bpd_terms(model, x_start, chunk, clip_denoised, model_kwargs).items():
+                columns[key].append(value)
             if bar is not None:
                 bar.update(len(chunk))
         if bar is not None:
@@ -793,6 +791,38 @@ class GaussianDiffusion:
         result["prior_bpd"] = prior_bpd
         result["total_bpd"] = result["vb"].sum(dim=1) + prior_bpd
         return result
+
+    def _bpd_terms(
+        self,
+        model: Model,
+        x_start: torch.Tensor,
+        timesteps: Sequence[int],
+        clip_denoised: bool,
+        model_kwargs: Optional[Dict[str, Any]],
+    ) -> Dict[str, torch.Tensor]:
+        """
+        The per-step terms of :meth:`calc_bpd_loop` for K timesteps in one model call: the N
+        images are repeated K times (copy k at ``timesteps[k]``), with one noise draw per
+        timestep in the given order.
+
+        :return: dict with ``vb``, ``xstart_mse``, ``mse``, each (N, K), column k for ``timesteps[k]``.
+        """
+        num_images, num_steps = x_start.shape[0], len(timesteps)
+        noise = torch.cat([torch.randn_like(x_start) for _ in timesteps])
+        t = torch.tensor(timesteps, dtype=torch.long, device=x_start.device).repeat_interleave(num_images)
+        x_rep = _repeat_batch(x_start, num_steps)
+        kwargs_rep = {k: _repeat_batch(v, num_steps) for k, v in (model_kwargs or {}).items()}
+        x_t = self.q_sample(x_start=x_rep, t=t, noise=noise)
+        with torch.no_grad():
+            out = self._vb_terms_bpd(model, x_rep, x_t, t, clip_denoised=clip_denoised, model_kwargs=kwargs_rep)
+        eps = self._predict_eps_from_xstart(x_t, t, out["pred_xstart"])
+        terms = {
+            "vb": out["output"],
+            "xstart_mse": mean_flat((out["pred_xstart"] - x_rep) ** 2),
+            "mse": mean_flat((eps - noise) ** 2),
+        }
+        # (K * N,) -> (K, N) -> (N, K)
+        return {key: value.reshape(num_steps, num_images).t() for key, value in terms.items()}
 
 
 # ---------------------------------------------------------------------------------------------
