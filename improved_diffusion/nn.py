@@ -141,7 +141,9 @@ def mean_flat(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def update_ema(target_params: Iterable[torch.Tensor], source_params: Iterable[torch.Tensor], rate: float = 0.99) -> None:
+def update_ema(
+    target_params: Iterable[torch.Tensor], source_params: Iterable[torch.Tensor], rate: float = 0.99
+) -> None:
     """
     Move target parameters towards source parameters: ``target = rate * target + (1 - rate) * source``.
 

@@ -1,0 +1,175 @@
+"""Tests for improved_diffusion.checkpoints: strict loading and messages that name keys, shapes and flags."""
+
+import re
+
+import pytest
+import torch
+from golden import load_pt
+
+from improved_diffusion import script_util
+from improved_diffusion.checkpoints import guess_flags_from_state_dict, load_model_state
+from improved_diffusion.errors import UserError
+from improved_diffusion.unet import UNetModel
+
+HEADS_NOTE = "--num_heads and --num_heads_upsample are not stored in a checkpoint"
+
+
+def _flags(**overrides) -> dict:
+    flags = script_util.model_and_diffusion_defaults()
+    flags.update(num_channels=32, num_res_blocks=1, num_heads=2)
+    flags.update(overrides)
+    return flags
+
+
+def _model(flags: dict) -> UNetModel:
+    return script_util.create_model_and_diffusion(**flags)[0]
+
+
+def _small_flags(**overrides) -> dict:
+    """The flags of unet_small.pt (32px, learned sigma, classes), with overrides."""
+    return _flags(**{**load_pt("unet_small.pt")["kwargs"], **overrides})
+
+
+def _error(model, state_dict, flags=None, source="model.pt") -> str:
+    with pytest.raises(UserError) as info:
+        load_model_state(model, state_dict, source, flags=flags)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"checkpoint {source} ")
+    return message
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        (
+            "unet_small.pt",
+            dict(
+                num_channels=32,
+                learn_sigma=True,
+                class_cond=True,
+                use_scale_shift_norm=True,
+                num_res_blocks=1,
+                channel_mult="1,2,2,2",
+                attention_downsample_factors=(2, 4),
+                image_size=32,
+                attention_resolutions="16,8",
+            ),
+        ),
+        (
+            "unet_small64.pt",
+            dict(
+                num_channels=32,
+                learn_sigma=False,
+                class_cond=False,
+                use_scale_shift_norm=False,
+                num_res_blocks=1,
+                channel_mult="1,2,3,4",
+                attention_downsample_factors=(4,),
+                image_size=64,
+                attention_resolutions="16",
+            ),
+        ),
+        (
+            # (1, 2) belongs to no known size, so no image size or attention sides are guessed.
+            "unet_superres.pt",
+            dict(
+                num_channels=32,
+                learn_sigma=True,
+                class_cond=True,
+                use_scale_shift_norm=True,
+                num_res_blocks=1,
+                channel_mult="1,2",
+                attention_downsample_factors=(2,),
+            ),
+        ),
+    ],
+)
+def test_guess_flags_from_golden_state_dicts(name, expected):
+    assert guess_flags_from_state_dict(load_pt(name)["state_dict"]) == expected
+
+
+def test_guess_flags_sees_weightless_downsamples_and_super_resolution():
+    model = UNetModel(
+        6, 32, 3, num_res_blocks=2, attention_resolutions=(1, 4), channel_mult=(1, 1, 2, 2, 4, 4), conv_resample=False
+    )
+    guess = guess_flags_from_state_dict(model.state_dict())
+    assert guess["num_res_blocks"] == 2 and guess["channel_mult"] == "1,1,2,2,4,4"
+    assert guess["large_size"] == 256 and guess["attention_resolutions"] == "256,64"
+    assert guess["learn_sigma"] is False and "image_size" not in guess
+
+
+def test_matching_checkpoint_loads_strictly_from_float16():
+    data = load_pt("unet_small.pt")
+    model = _model(_small_flags())
+    load_model_state(model, data["state_dict"], "model.pt", flags=_small_flags())
+    for key, value in model.state_dict().items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, data["state_dict"][key].float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pass_flags", [True, False])
+def test_other_width_names_keys_shapes_and_flags(pass_flags):
+    flags = _small_flags(num_channels=64, learn_sigma=False, class_cond=False)
+    model = _model(flags)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    message = _error(model, load_pt("unet_small.pt")["state_dict"], flags if pass_flags else None)
+    assert message.startswith(
+        "checkpoint model.pt does not match the model built from the flags: "
+        "input_blocks.0.0.weight is (32, 3, 3, 3) in the checkpoint but (64, 3, 3, 3) in the model, "
+        "out.2.weight is (6, 32, 3, 3) in the checkpoint but (3, 64, 3, 3) in the model, "
+    )
+    assert "label_emb.weight (1000, 128) is in the checkpoint but not in the model" in message
+    label = "you passed" if pass_flags else "the model has"
+    assert (
+        "the checkpoint looks like --num_channels 32 --learn_sigma True --class_cond True "
+        f"({label} --num_channels 64 --learn_sigma False --class_cond False)"
+    ) in message
+    assert message.endswith(f"{HEADS_NOTE}, keep the training values")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing loaded
+
+
+def test_other_image_size_names_the_image_size_flag():
+    flags = _small_flags(image_size=64)
+    message = _error(_model(flags), load_pt("unet_small.pt")["state_dict"], flags)
+    # The multipliers follow from the size, and "16,8" means the same sides: neither is suggested.
+    assert re.search(r"looks like --image_size 32 \(you passed --image_size 64\);", message), message
+    assert "input_blocks.5.0.in_layers.2.weight is (64, 64, 3, 3) in the checkpoint but (96, 64, 3, 3)" in message
+
+
+def test_other_blocks_attention_and_scale_shift_name_their_flags():
+    flags = _flags(image_size=64, attention_resolutions="16,8", num_res_blocks=2, use_scale_shift_norm=True)
+    message = _error(_model(flags), load_pt("unet_small64.pt")["state_dict"], flags)
+    assert (
+        "the checkpoint looks like --num_res_blocks 1 --use_scale_shift_norm False --attention_resolutions 16 "
+        "(you passed --num_res_blocks 2 --use_scale_shift_norm True --attention_resolutions 16,8)"
+    ) in message
+
+
+def test_super_resolution_checkpoint_in_an_image_model():
+    flags = _flags(image_size=64)
+    message = _error(_model(flags), load_pt("unet_superres.pt")["state_dict"], flags, source="sr.pt")
+    assert "input_blocks.0.0.weight is (32, 6, 3, 3) in the checkpoint but (32, 3, 3, 3) in the model" in message
+    assert (
+        "looks like --learn_sigma True --class_cond True --channel_mult 1,2 "
+        '(you passed --learn_sigma False --class_cond False --channel_mult "")'
+    ) in message
+    assert "it is a super-resolution model (6 input channels): use the super_res scripts" in message
+
+
+def test_ddp_prefixed_keys_get_a_hint():
+    data = load_pt("unet_small.pt")
+    prefixed = {f"module.{k}": v for k, v in data["state_dict"].items()}
+    message = _error(_model(_small_flags()), prefixed)
+    assert "time_embed.0.weight (128, 32) is missing from the checkpoint" in message
+    assert "module.time_embed.0.weight (128, 32) is in the checkpoint but not in the model" in message
+    assert "its keys start with 'module.' (saved from a DistributedDataParallel wrapper" in message
+
+
+@pytest.mark.parametrize(
+    "state_dict,found",
+    [({"state": {}, "param_groups": []}, "a dict with keys state, param_groups"), ([1, 2], "list")],
+)
+def test_not_a_state_dict(state_dict, found):
+    model = UNetModel(3, 32, 3, 1, (), channel_mult=(1,))
+    with pytest.raises(UserError, match=rf"^checkpoint opt\.pt is not a model state_dict \(found {found}\)"):
+        load_model_state(model, state_dict, "opt.pt")
