@@ -95,7 +95,13 @@ def betas_for_alpha_bar(
 
 
 def _check_num_steps(num_diffusion_timesteps: int) -> int:
-    if isinstance(num_diffusion_timesteps, bool) or int(num_diffusion_timesteps) != num_diffusion_timesteps:
+    try:
+        is_int = (
+            not isinstance(num_diffusion_timesteps, bool) and int(num_diffusion_timesteps) == num_diffusion_timesteps
+        )
+    except (TypeError, ValueError):
+        is_int = False
+    if not is_int:
         raise UserError(f"--diffusion_steps {num_diffusion_timesteps!r}: expected a positive integer")
     if num_diffusion_timesteps <= 0:
         raise UserError(f"--diffusion_steps {num_diffusion_timesteps}: must be a positive integer")

@@ -434,6 +434,8 @@ def test_loops_show_a_progress_bar(capsys):
         ("linear", 0, r"--diffusion_steps 0: must be a positive integer"),
         ("cosine", -5, r"--diffusion_steps -5: must be a positive integer"),
         ("linear", 10, r"linear noise schedule needs at least 20 diffusion steps \(got 10"),
+        ("cosine", "ten", r"--diffusion_steps 'ten': expected a positive integer"),
+        ("cosine", 2.5, r"--diffusion_steps 2.5: expected a positive integer"),
     ],
 )
 def test_bad_schedule_arguments_raise_user_error(schedule, steps, match):
