@@ -110,14 +110,15 @@ def test_update_with_local_losses_uses_every_rank_in_rank_order(monkeypatch):
 
 _TWO_RANK_SCRIPT = """
 import json
+from types import SimpleNamespace
+
 import torch
 from improved_diffusion import dist_util
 from improved_diffusion.resample import LossSecondMomentResampler
-from improved_diffusion.script_util import create_gaussian_diffusion
 
 dist_util.setup_dist()
 rank = dist_util.get_rank()
-sampler = LossSecondMomentResampler(create_gaussian_diffusion(steps=10, noise_schedule="cosine"), history_per_term=2)
+sampler = LossSecondMomentResampler(SimpleNamespace(num_timesteps=10), history_per_term=2)
 # Rank 0 has 3 examples per call, rank 1 has 7 (unequal batch sizes); together they cover all t twice.
 for call in range(2):
     ts = torch.arange(10)[:3] if rank == 0 else torch.arange(10)[3:]
