@@ -67,9 +67,7 @@ def make_grid(
         raise ValueError(f"nrow must be positive and padding non-negative, got nrow={nrow}, padding={padding}")
     ncol = min(nrow, n)
     nrows = int(math.ceil(n / nrow))
-    grid = np.full(
-        (nrows * (h + padding) + padding, ncol * (w + padding) + padding, c), pad_value, dtype=np.uint8
-    )
+    grid = np.full((nrows * (h + padding) + padding, ncol * (w + padding) + padding, c), pad_value, dtype=np.uint8)
     for i in range(n):
         row, col = divmod(i, nrow)
         top = padding + row * (h + padding)

@@ -86,12 +86,12 @@ def test_make_grid_rejects_bad_input(images, match):
 
 def test_save_png_round_trips_and_leaves_no_temp_files(tmp_path):
     array = _images(1, h=6, w=7)[0]
-    path = str(tmp_path / "x.png")
-    save_png(path, array)
-    with Image.open(path) as im:
+    folder = tmp_path / "out"
+    save_png(str(folder / "x.png"), array)
+    with Image.open(folder / "x.png") as im:
         assert im.format == "PNG"
         np.testing.assert_array_equal(np.asarray(im), array)
-    assert os.listdir(tmp_path) == ["x.png"]
+    assert os.listdir(folder) == ["x.png"]
 
 
 def test_save_png_greyscale(tmp_path):

@@ -1,0 +1,337 @@
+"""
+What the sampling scripts (``image_sample.py``, ``super_res_sample.py``) share: their flags,
+loading a checkpoint with the flags of its ``args.json``, per-sample seeded noise, the
+sampling loop over ranks and batches, and writing ``samples_{N}x{H}x{W}x3.npz`` plus a PNG
+grid.
+
+Reproducibility (per-sample seeds, as in EDM's ``generate.py``): sample ``i`` gets its own
+``torch.Generator`` seeded from ``(seed, i)``. It draws that sample's start noise x_T and
+then, where the script needs one, its random class label. The noise added at each ancestral
+step (and by DDIM with ``eta > 0``) comes from the global RNG inside the diffusion, which is
+reseeded from ``(seed, rank, batch index)`` before every batch. Hence:
+
+- DDIM with ``eta = 0`` depends only on x_T: sample ``i`` is the same whatever the batch size
+  and the number of processes (up to float rounding of batched convolutions);
+- ancestral sampling and DDIM with ``eta > 0`` repeat exactly for the same seed, batch size and
+  number of processes.
+
+Samples are numbered globally: rank ``r`` of ``n`` takes samples ``r, r + n, ...`` and rank 0
+gathers them back into index order, so the archive's order does not depend on ``n`` either.
+"""
+
+import argparse
+import os
+import shlex
+import sys
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from . import dist_util, logger
+from .errors import UserError
+from .fileio import atomic_save_npz
+from .image_utils import save_sample_grid, to_uint8_nhwc
+from .script_util import NUM_CLASSES, args_to_dict
+
+# Tags keep the seed streams of start noise and step noise apart.
+_SAMPLE_STREAM = 0
+_STEP_STREAM = 1
+
+KwargsFn = Callable[[np.ndarray, List[torch.Generator]], Dict[str, torch.Tensor]]
+
+
+def sampling_defaults() -> Dict[str, Any]:
+    """
+    Flags shared by the sampling scripts: the original's (clip_denoised, num_samples,
+    batch_size, use_ddim, model_path) and ours (log_dir, seed, eta, num_grid, use_bf16).
+    """
+    return dict(
+        clip_denoised=True,
+        num_samples=10000,
+        batch_size=16,
+        use_ddim=False,
+        model_path="",
+        log_dir="",
+        seed=0,
+        eta=0.0,
+        num_grid=64,
+        use_bf16=False,
+    )
+
+
+def add_grid_alias(parser: argparse.ArgumentParser) -> None:
+    """Accept ``--grid_size`` as another name of ``--num_grid``."""
+    parser.add_argument("--grid_size", dest="num_grid", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def validate_sampling_args(args: argparse.Namespace) -> None:
+    """Check the shared sampling flags; a bad value raises a UserError naming the flag."""
+    require_model_path(args)
+    for name in ("num_samples", "batch_size"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} {getattr(args, name)}: must be a positive integer")
+    if args.num_grid < 0:
+        raise UserError(f"--num_grid {args.num_grid}: must be 0 (no grid) or a positive integer")
+    if args.eta < 0:
+        raise UserError(f"--eta {args.eta}: DDIM eta must be >= 0 (0 = deterministic)")
+    if args.eta != 0 and not args.use_ddim:
+        raise UserError(f"--eta {args.eta} only applies to DDIM sampling: add --use_ddim True")
+
+
+def require_model_path(args: argparse.Namespace) -> None:
+    """A missing ``--model_path`` is a one-line error."""
+    if not args.model_path:
+        raise UserError(
+            "--model_path is required: the checkpoint (.pt) to load, e.g. --model_path logs/ema_0.9999_010000.pt"
+        )
+
+
+def log_saved_flags(taken: Dict[str, Any], model_path: str, argv: Optional[Sequence[str]]) -> None:
+    """Log which model/diffusion flags came from the ``args.json`` beside the checkpoint."""
+    if not taken:
+        if model_path:
+            logger.log(f"no args.json beside {model_path}: model/diffusion flags from the command line and defaults")
+        return
+    given = _flags_on_command_line(argv)
+    from_json = {k: v for k, v in sorted(taken.items()) if k not in given}
+    folder = os.path.dirname(os.path.abspath(model_path))
+    logger.log(
+        f"flags from {os.path.join(folder, 'args.json')}: "
+        + " ".join(f"--{k} {shlex.quote(str(v))}" for k, v in from_json.items())
+    )
+    overridden = sorted(k for k in taken if k in given)
+    if overridden:
+        logger.log("given on the command line instead: " + " ".join(f"--{k}" for k in overridden))
+
+
+def _flags_on_command_line(argv: Optional[Sequence[str]]) -> set:
+    argv = sys.argv[1:] if argv is None else argv
+    return {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+
+
+def load_checkpoint_model(
+    args: argparse.Namespace,
+    keys: Iterable[str],
+    create_fn: Callable[..., Tuple[torch.nn.Module, Any]],
+) -> Tuple[torch.nn.Module, Any]:
+    """
+    Build the model and diffusion from flags and load ``--model_path`` into the model.
+
+    The state dict is read on rank 0 and broadcast (``dist_util.load_state_dict``, weights
+    only); a mismatch with the flags raises a UserError naming the keys, shapes and the flags
+    that probably differ. The model is moved to ``dist_util.dev()`` and put in eval mode.
+
+    :return: ``(model, diffusion)``.
+    """
+    from .checkpoints import load_model_state
+
+    flags = args_to_dict(args, keys)
+    model, diffusion = create_fn(**flags)
+    state_dict = dist_util.load_state_dict(args.model_path, map_location="cpu")
+    load_model_state(model, state_dict, args.model_path, flags=flags)
+    model.to(dist_util.dev())
+    # Sampling and evaluation: eval() turns dropout off; forgetting it changes every sample.
+    model.eval()
+    return model, diffusion
+
+
+def bf16_autocast(model: Callable[..., torch.Tensor], enabled: bool) -> Callable[..., torch.Tensor]:
+    """
+    The model call under bfloat16 autocast when ``enabled``, its output cast back to float32,
+    so the diffusion's own arithmetic (posterior, KL, bits/dim) stays in float32.
+    """
+    if not enabled:
+        return model
+    from .precision import MixedPrecision
+
+    precision = MixedPrecision(dist_util.dev(), use_bf16=True)
+    logger.log(f"--use_bf16: the model runs under bfloat16 autocast on {dist_util.dev().type}")
+
+    def call(x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        with precision.autocast():
+            out = model(x, t, **kwargs)
+        return out.float()
+
+    return call
+
+
+def derive_seed(*entropy: int) -> int:
+    """A 63-bit seed mixed from non-negative integers (NumPy's SeedSequence)."""
+    state = np.random.SeedSequence([int(e) for e in entropy]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def sample_generators(seed: int, indices: Sequence[int]) -> List[torch.Generator]:
+    """One CPU generator per global sample index, seeded from ``(seed, index)``."""
+    return [torch.Generator().manual_seed(derive_seed(seed, _SAMPLE_STREAM, int(i))) for i in indices]
+
+
+def rank_indices(num_samples: int) -> np.ndarray:
+    """The global sample indices this rank draws: ``rank, rank + world, ...``."""
+    return np.arange(dist_util.get_rank(), num_samples, dist_util.get_world_size())
+
+
+def sample_images(
+    model: Callable[..., torch.Tensor],
+    diffusion: Any,
+    *,
+    num_samples: int,
+    batch_size: int,
+    image_shape: Tuple[int, int, int],
+    seed: int,
+    use_ddim: bool = False,
+    eta: float = 0.0,
+    clip_denoised: bool = True,
+    kwargs_fn: Optional[KwargsFn] = None,
+    gather_keys: Sequence[str] = ("y",),
+    progress: bool = True,
+) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+    """
+    Draw ``num_samples`` images, split over the ranks, with per-sample seeded start noise.
+
+    :param image_shape: ``(C, H, W)`` of one sample.
+    :param kwargs_fn: called per batch with the batch's global indices and their generators
+        (already used for x_T) and returns the model kwargs, e.g. ``{"y": (B,) int64}``.
+    :param gather_keys: the model kwargs to return with the images (labels; not ``low_res``).
+    :return: on rank 0 the (num_samples, H, W, C) uint8 images in index order and the model
+        kwargs in ``gather_keys``, gathered the same way, as NumPy arrays; on other ranks
+        ``(None, {})``.
+    """
+    device = dist_util.dev()
+    rank = dist_util.get_rank()
+    show = progress and rank == 0
+    indices = rank_indices(num_samples)
+    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    images, kwargs_parts = [], []
+    loop = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
+    extra = dict(eta=eta) if use_ddim else {}
+    for batch_index, batch in enumerate(_progress(batches, show, "batches")):
+        generators = sample_generators(seed, batch)
+        noise = torch.stack([torch.randn(image_shape, generator=g) for g in generators]).to(device)
+        model_kwargs = kwargs_fn(batch, generators) if kwargs_fn is not None else {}
+        model_kwargs = {k: v.to(device) for k, v in model_kwargs.items()}
+        # Step noise: the diffusion draws it from the global RNG (see the module docstring).
+        torch.manual_seed(derive_seed(seed, _STEP_STREAM, rank, batch_index))
+        with torch.no_grad():
+            sample = loop(
+                model,
+                (len(batch),) + tuple(image_shape),
+                noise=noise,
+                clip_denoised=clip_denoised,
+                model_kwargs=model_kwargs,
+                device=device,
+                progress=show,
+                **extra,
+            )
+        images.append(torch.from_numpy(to_uint8_nhwc(sample)))
+        kwargs_parts.append({k: v.cpu() for k, v in model_kwargs.items() if k in gather_keys})
+    if not batches and kwargs_fn is not None:
+        # A rank with no samples still takes part in every gather, with empty tensors.
+        kwargs_parts.append({k: v for k, v in kwargs_fn(indices, []).items() if k in gather_keys})
+    local = {"images": _cat(images, (0,) + _nhwc(image_shape), torch.uint8), "index": torch.from_numpy(indices)}
+    for key in kwargs_parts[0] if kwargs_parts else ():
+        local[key] = torch.cat([part[key] for part in kwargs_parts])
+    gathered = {key: _gather_in_order(value, num_samples, local["index"]) for key, value in local.items()}
+    if rank != 0:
+        return None, {}
+    gathered.pop("index")
+    return gathered.pop("images"), gathered
+
+
+def _nhwc(image_shape: Tuple[int, int, int]) -> Tuple[int, int, int]:
+    c, h, w = image_shape
+    return (h, w, c)
+
+
+def _cat(parts: List[torch.Tensor], empty_shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.zeros(empty_shape, dtype=dtype)
+
+
+def _gather_in_order(tensor: torch.Tensor, num_samples: int, index: torch.Tensor) -> Optional[np.ndarray]:
+    """Gather a per-sample tensor from every rank and put row ``k`` at its global index."""
+    parts = dist_util.all_gather_tensors(tensor)
+    indices = dist_util.all_gather_tensors(index)
+    if dist_util.get_rank() != 0:
+        return None
+    values = torch.cat(parts).numpy()
+    order = torch.cat(indices).numpy()
+    out = np.empty_like(values)
+    out[order] = values
+    assert len(out) == num_samples
+    return out
+
+
+def _progress(items: Sequence[Any], show: bool, desc: str) -> Iterable[Any]:
+    if not show:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, leave=False)
+
+
+def save_samples(
+    images: np.ndarray,
+    labels: Optional[np.ndarray] = None,
+    num_grid: int = 64,
+    rows_by_label: bool = False,
+) -> str:
+    """
+    Write ``samples_{N}x{H}x{W}x{C}.npz`` (``arr_0`` uint8 NHWC, ``arr_1`` int64 labels when
+    given) in the log folder, and a PNG grid of the first ``num_grid`` samples beside it.
+    Call on rank 0 only.
+
+    :return: the ``.npz`` path.
+    """
+    shape_str = "x".join(str(s) for s in images.shape)
+    path = os.path.join(logger.get_dir(), f"samples_{shape_str}.npz")
+    logger.log(f"saving to {path}")
+    if labels is None:
+        atomic_save_npz(path, images)
+    else:
+        atomic_save_npz(path, images, np.asarray(labels, dtype=np.int64))
+    if num_grid > 0:
+        shown = labels[:num_grid] if labels is not None else None
+        grid = save_sample_grid(
+            path, images[:num_grid], labels=shown, rows_by_label=rows_by_label and shown is not None
+        )
+        logger.log(f"grid of the first {min(num_grid, len(images))} samples: {grid}")
+    return path
+
+
+def parse_class_labels(text: str, class_cond: bool) -> Optional[List[int]]:
+    """
+    Parse ``--class_labels "0,1,2"`` (cycled over the samples); each in ``[0, NUM_CLASSES)``.
+
+    :return: the labels, or None when the flag is empty.
+    """
+    if not text:
+        return None
+    if not class_cond:
+        raise UserError(f"--class_labels {text!r} needs a class-conditional model (--class_cond True)")
+    labels = []
+    for part in text.split(","):
+        try:
+            label = int(part.strip())
+        except ValueError:
+            raise UserError(f"--class_labels {text!r}: expected a comma list of integers like 0,1,2") from None
+        if not 0 <= label < NUM_CLASSES:
+            raise UserError(f"--class_labels {text!r}: label {label} is outside [0, {NUM_CLASSES})")
+        labels.append(label)
+    return labels
+
+
+def labels_for(
+    indices: np.ndarray, generators: List[torch.Generator], class_labels: Optional[List[int]]
+) -> torch.Tensor:
+    """
+    Class labels of the samples ``indices``: ``class_labels`` cycled by global index, else a
+    uniform random label drawn from each sample's own generator (after its start noise).
+
+    :return: (B,) int64.
+    """
+    if class_labels is not None:
+        return torch.tensor([class_labels[int(i) % len(class_labels)] for i in indices], dtype=torch.int64)
+    return torch.cat(
+        [torch.randint(0, NUM_CLASSES, (1,), generator=g) for g in generators] + [torch.zeros(0, dtype=torch.int64)]
+    )

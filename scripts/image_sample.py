@@ -1,0 +1,80 @@
+"""
+Generate a large batch of image samples from a model and save them as a large numpy array
+(``samples_{N}x{H}x{W}x3.npz`` in the log folder), plus a PNG grid of the first samples.
+
+This can be used to produce samples for FID evaluation. The model/diffusion flags default to
+the ``args.json`` saved beside ``--model_path`` at training; flags given here override them.
+"""
+
+import argparse
+from typing import Optional, Sequence
+
+from improved_diffusion import dist_util, logger
+from improved_diffusion.errors import run_main
+from improved_diffusion.sample_util import (
+    add_grid_alias,
+    bf16_autocast,
+    labels_for,
+    load_checkpoint_model,
+    log_saved_flags,
+    parse_class_labels,
+    sample_images,
+    sampling_defaults,
+    save_samples,
+    validate_sampling_args,
+)
+from improved_diffusion.script_util import (
+    add_dict_to_argparser,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+    parse_args_with_saved,
+)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args, taken = parse_args_with_saved(create_argparser(), model_and_diffusion_defaults().keys(), argv)
+
+    dist_util.setup_dist()
+    logger.configure(dir=args.log_dir or None)
+    log_saved_flags(taken, args.model_path, argv)
+
+    validate_sampling_args(args)
+    class_labels = parse_class_labels(args.class_labels, args.class_cond)
+
+    logger.log("creating model and diffusion...")
+    model, diffusion = load_checkpoint_model(args, model_and_diffusion_defaults().keys(), create_model_and_diffusion)
+
+    logger.log("sampling...")
+    kwargs_fn = None
+    if args.class_cond:
+        kwargs_fn = lambda indices, generators: {"y": labels_for(indices, generators, class_labels)}  # noqa: E731
+    images, kwargs = sample_images(
+        bf16_autocast(model, args.use_bf16),
+        diffusion,
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        image_shape=(3, args.image_size, args.image_size),
+        seed=args.seed,
+        use_ddim=args.use_ddim,
+        eta=args.eta,
+        clip_denoised=args.clip_denoised,
+        kwargs_fn=kwargs_fn,
+    )
+    if dist_util.is_main_process():
+        save_samples(images, kwargs.get("y"), num_grid=args.num_grid, rows_by_label=class_labels is not None)
+    dist_util.barrier()
+    logger.log("sampling complete")
+
+
+def create_argparser() -> argparse.ArgumentParser:
+    defaults = sampling_defaults()
+    defaults.update(class_labels="")
+    defaults.update(model_and_diffusion_defaults())
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    add_dict_to_argparser(parser, defaults)
+    add_grid_alias(parser)
+    return parser
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,417 @@
+"""
+End-to-end tests of the sampling and evaluation scripts (image_sample.py, super_res_sample.py,
+image_nll.py) on tiny CPU models saved with their args.json. A few run the script as a
+subprocess (exit codes, stderr); the rest call its ``main(argv)`` in-process.
+"""
+
+import argparse
+import json
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from improved_diffusion import logger
+from improved_diffusion.errors import UserError, run_main
+from improved_diffusion.script_util import (
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+    save_args_json,
+    sr_create_model_and_diffusion,
+    sr_model_and_diffusion_defaults,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(REPO, "scripts")
+
+# Tolerances: float32 model outputs through a whole loop, and uint8 pixels (one grey level
+# for batch-size dependent rounding of batched convolutions).
+ATOL_FLOAT = 1e-5
+ATOL_PIXEL = 1
+ATOL_BF16_PIXEL = 12
+
+TINY = dict(
+    image_size=16,
+    channel_mult="1,2",
+    num_channels=32,
+    num_res_blocks=1,
+    attention_resolutions="8",
+    num_heads=2,
+    diffusion_steps=20,
+    noise_schedule="cosine",
+    learn_sigma=True,
+)
+TINY_SR = dict(TINY, large_size=16, small_size=8)
+del TINY_SR["image_size"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: tiny convolutions only lose from threads on a shared machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _randomize(model: torch.nn.Module) -> None:
+    """Perturb every weight (zero-initialised output layers included) so samples depend on them."""
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+def _save_checkpoint(folder, defaults, create_fn, **overrides) -> str:
+    """Build a tiny model, save its state dict as model000000.pt and the flags as args.json."""
+    flags = defaults()
+    flags.update(overrides)
+    torch.manual_seed(0)
+    model, _ = create_fn(**flags)
+    _randomize(model)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "model000000.pt")
+    torch.save(model.state_dict(), path)
+    save_args_json(argparse.Namespace(**flags, lr=1e-4, batch_size=4), str(folder))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    return _save_checkpoint(folder, model_and_diffusion_defaults, create_model_and_diffusion, **TINY)
+
+
+@pytest.fixture(scope="module")
+def cond_ckpt(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cond_ckpt")
+    return _save_checkpoint(
+        folder, model_and_diffusion_defaults, create_model_and_diffusion, **dict(TINY, class_cond=True)
+    )
+
+
+@pytest.fixture(scope="module")
+def sr_ckpt(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sr_ckpt")
+    return _save_checkpoint(folder, sr_model_and_diffusion_defaults, sr_create_model_and_diffusion, **TINY_SR)
+
+
+def _script(name):
+    """The script's globals (its ``main`` and helpers) without running it."""
+    return runpy.run_path(os.path.join(SCRIPTS, name), run_name="not_main")
+
+
+def _run_main(name, argv, log_dir):
+    """Call ``scripts/<name>``'s main in-process with its log folder; restore the logger after."""
+    main = _script(name)["main"]
+    with logger.scoped_configure(dir=str(log_dir)):
+        main([str(a) for a in argv] + ["--log_dir", str(log_dir)])
+
+
+def _run_subprocess(name, argv, launcher=()):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.run(
+        list(launcher) + [sys.executable, os.path.join(SCRIPTS, name)] + [str(a) for a in argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+def _load(path):
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+# ------------------------------------------------------------------------------------------
+# image_sample.py
+
+
+def test_image_sample_subprocess_uses_args_json(ckpt, tmp_path):
+    """No model flags on the command line: args.json beside the checkpoint supplies them."""
+    out = tmp_path / "out"
+    proc = _run_subprocess(
+        "image_sample.py", ["--model_path", ckpt, "--num_samples", 3, "--batch_size", 2, "--log_dir", out]
+    )
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(os.listdir(out))
+    assert "samples_3x16x16x3.npz" in files and "samples_3x16x16x3.png" in files
+    arrays = _load(out / "samples_3x16x16x3.npz")
+    assert list(arrays) == ["arr_0"]
+    assert arrays["arr_0"].dtype == np.uint8 and arrays["arr_0"].shape == (3, 16, 16, 3)
+    log = (out / "log.txt").read_text()
+    assert "args.json" in log and "--num_channels 32" in log
+
+
+def test_image_sample_wrong_flags_give_helpful_error(ckpt, tmp_path):
+    proc = _run_subprocess(
+        "image_sample.py",
+        ["--model_path", ckpt, "--num_channels", 64, "--num_samples", 1, "--log_dir", tmp_path / "out"],
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert ckpt in lines[0] and "--num_channels" in lines[0]
+    assert "input_blocks" in lines[0] or "time_embed" in lines[0] or "out." in lines[0]
+
+
+def _exit_code_and_stderr(capsys, name, argv, log_dir):
+    """Run the script's main through errors.run_main in-process: (exit code, stderr)."""
+    main = _script(name)["main"]
+    capsys.readouterr()
+    with logger.scoped_configure(dir=str(log_dir)), pytest.raises(SystemExit) as info:
+        run_main(lambda: main([str(a) for a in argv] + ["--log_dir", str(log_dir)]))
+    return info.value.code, capsys.readouterr().err
+
+
+def test_image_sample_missing_model_path_is_one_line(capsys, tmp_path):
+    code, err = _exit_code_and_stderr(capsys, "image_sample.py", ["--num_samples", 1], tmp_path)
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith("error: --model_path is required")
+
+
+def _sample(ckpt, log_dir, *extra):
+    _run_main("image_sample.py", ["--model_path", ckpt, "--num_grid", 0] + list(extra), log_dir)
+    (name,) = [f for f in os.listdir(log_dir) if f.endswith(".npz")]
+    return _load(os.path.join(log_dir, name))
+
+
+def test_ddim_eta0_is_deterministic_and_batch_size_independent(ckpt, tmp_path):
+    flags = ["--use_ddim", True, "--timestep_respacing", "ddim5", "--num_samples", 3, "--seed", 7]
+    a = _sample(ckpt, tmp_path / "a", *flags, "--batch_size", 3)["arr_0"]
+    b = _sample(ckpt, tmp_path / "b", *flags, "--batch_size", 3)["arr_0"]
+    c = _sample(ckpt, tmp_path / "c", *flags, "--batch_size", 1)["arr_0"]
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(c.astype(int), a.astype(int), rtol=0, atol=ATOL_PIXEL)
+    assert len(np.unique(a.reshape(3, -1), axis=0)) == 3  # the samples differ from each other
+    d = _sample(ckpt, tmp_path / "d", *flags[:-1], 8, "--batch_size", 3)["arr_0"]
+    assert np.abs(d.astype(int) - a.astype(int)).max() > 10  # another seed, other samples
+
+
+@pytest.mark.mpi
+def test_two_ranks_give_the_same_ddim_samples_as_one(ckpt, tmp_path):
+    """Per-sample seeds and the ordered gather: the archive does not depend on the rank count."""
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.skip("mpiexec not found")
+    flags = ["--use_ddim", True, "--timestep_respacing", "ddim3", "--num_samples", 3, "--batch_size", 2]
+    single = _sample(ckpt, tmp_path / "one", *flags)["arr_0"]
+    out = tmp_path / "two"
+    argv = ["--model_path", ckpt, "--log_dir", out, "--num_grid", 0] + flags
+    proc = _run_subprocess("image_sample.py", argv, launcher=[mpiexec, "-n", "2"])
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_allclose(
+        _load(out / "samples_3x16x16x3.npz")["arr_0"].astype(int), single.astype(int), rtol=0, atol=ATOL_PIXEL
+    )
+
+
+def test_ancestral_sampling_repeats_for_a_seed(ckpt, tmp_path):
+    flags = ["--timestep_respacing", "4", "--num_samples", 2, "--batch_size", 2, "--seed", 3]
+    a = _sample(ckpt, tmp_path / "a", *flags)["arr_0"]
+    b = _sample(ckpt, tmp_path / "b", *flags)["arr_0"]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_ddim_eta_positive_runs(ckpt, tmp_path):
+    arrays = _sample(
+        ckpt, tmp_path, "--use_ddim", True, "--eta", 0.5, "--timestep_respacing", "ddim4", "--num_samples", 2
+    )
+    assert arrays["arr_0"].shape == (2, 16, 16, 3)
+
+
+def test_bf16_autocast_sampling_is_close_to_float32(ckpt, tmp_path):
+    flags = ["--use_ddim", True, "--timestep_respacing", "ddim2", "--num_samples", 2]
+    full = _sample(ckpt, tmp_path / "fp32", *flags)["arr_0"]
+    half = _sample(ckpt, tmp_path / "bf16", *flags, "--use_bf16", True)["arr_0"]
+    assert half.dtype == np.uint8 and half.shape == full.shape
+    # bfloat16 keeps 8 bits of mantissa: a few grey levels, not a different image.
+    np.testing.assert_allclose(half.astype(int), full.astype(int), rtol=0, atol=ATOL_BF16_PIXEL)
+
+
+def test_class_conditional_samples_have_labels(cond_ckpt, tmp_path):
+    flags = ["--timestep_respacing", "3", "--num_samples", 5, "--batch_size", 2]
+    arrays = _sample(cond_ckpt, tmp_path / "given", *flags, "--class_labels", "5,7")
+    assert sorted(arrays) == ["arr_0", "arr_1"]
+    assert arrays["arr_0"].shape == (5, 16, 16, 3)
+    assert arrays["arr_1"].dtype == np.int64
+    np.testing.assert_array_equal(arrays["arr_1"], [5, 7, 5, 7, 5])
+    rand = _sample(cond_ckpt, tmp_path / "random", *flags)["arr_1"]
+    again = _sample(cond_ckpt, tmp_path / "again", *flags[:-1], 5)["arr_1"]
+    assert rand.dtype == np.int64 and rand.shape == (5,)
+    assert ((rand >= 0) & (rand < 1000)).all() and len(set(rand.tolist())) > 1
+    np.testing.assert_array_equal(rand, again)  # per-sample labels: same for another batch size
+
+
+def test_class_labels_grid_has_a_row_per_class(cond_ckpt, tmp_path):
+    from PIL import Image
+
+    _run_main(
+        "image_sample.py",
+        ["--model_path", cond_ckpt, "--timestep_respacing", "2", "--num_samples", 4, "--class_labels", "1,2"],
+        tmp_path,
+    )
+    with Image.open(tmp_path / "samples_4x16x16x3.png") as im:
+        assert im.size == (2 * 18 + 2, 2 * 18 + 2)
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--class_labels", "1,x"], "--class_labels '1,x': expected a comma list"),
+        (["--class_labels", "1000"], r"label 1000 is outside \[0, 1000\)"),
+        (["--num_samples", "0"], "--num_samples 0"),
+        (["--eta", "0.5"], "--use_ddim"),
+    ],
+)
+def test_image_sample_rejects_bad_flags(cond_ckpt, tmp_path, extra, match):
+    with pytest.raises(UserError, match=match):
+        _run_main("image_sample.py", ["--model_path", cond_ckpt] + extra, tmp_path)
+
+
+def test_class_labels_need_a_class_conditional_model(ckpt, tmp_path):
+    with pytest.raises(UserError, match="--class_cond True"):
+        _run_main("image_sample.py", ["--model_path", ckpt, "--class_labels", "1"], tmp_path)
+
+
+# ------------------------------------------------------------------------------------------
+# super_res_sample.py
+
+
+def _base_samples(path, n=3, size=8, **arrays):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+    np.savez(path, **(arrays or {"arr_0": images}))
+    return images
+
+
+def test_super_res_sample_upsamples_to_large_size(sr_ckpt, tmp_path):
+    base = tmp_path / "base.npz"
+    _base_samples(base)
+    out = tmp_path / "out"
+    _run_main(
+        "super_res_sample.py",
+        ["--model_path", sr_ckpt, "--base_samples", base, "--num_samples", 4, "--batch_size", 3]
+        + ["--timestep_respacing", "3"],
+        out,
+    )
+    arrays = _load(out / "samples_4x16x16x3.npz")
+    assert list(arrays) == ["arr_0"]
+    assert arrays["arr_0"].dtype == np.uint8 and arrays["arr_0"].shape == (4, 16, 16, 3)
+    assert (out / "samples_4x16x16x3.png").exists()
+
+
+_GOOD = np.zeros((2, 8, 8, 3), np.uint8)
+
+
+@pytest.mark.parametrize(
+    "arrays, class_cond, match",
+    [
+        ({"arr_0": _GOOD.astype(np.float32)}, False, "arr_0 has dtype float32, expected uint8"),
+        ({"arr_0": _GOOD.transpose(0, 3, 1, 2)}, False, r"arr_0 has shape \(2, 3, 8, 8\), expected \(N, 8, 8, 3\)"),
+        ({"arr_0": np.zeros((2, 16, 16, 3), np.uint8)}, False, r"shape \(2, 16, 16, 3\)"),
+        ({"images": _GOOD}, False, "no arr_0"),
+        ({"arr_0": _GOOD}, True, r"no arr_1 \(class labels\)"),
+        ({"arr_0": _GOOD, "arr_1": np.array([0, 1, 2])}, True, r"expected \(2,\) integers"),
+        ({"arr_0": np.array([object()] * 2)}, False, "not a readable .npz"),
+    ],
+)
+def test_bad_base_samples_name_file_and_problem(tmp_path, arrays, class_cond, match):
+    path = str(tmp_path / "base.npz")
+    np.savez(path, **arrays)
+    with pytest.raises(UserError, match=match) as info:
+        _script("super_res_sample.py")["load_base_samples"](path, 8, class_cond)
+    assert path in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bad_base_samples_exit_code_and_one_line(sr_ckpt, capsys, tmp_path):
+    path = tmp_path / "base.npz"
+    path.write_text("not an archive")
+    code, err = _exit_code_and_stderr(
+        capsys, "super_res_sample.py", ["--model_path", sr_ckpt, "--base_samples", path], tmp_path / "o"
+    )
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"error: --base_samples {path}: not a readable .npz archive")
+
+
+# ------------------------------------------------------------------------------------------
+# image_nll.py
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    return str(folder)
+
+
+def _nll(ckpt, image_dir, log_dir, *extra):
+    argv = ["--model_path", ckpt, "--data_dir", image_dir, "--num_samples", 3, "--batch_size", 2]
+    _run_main("image_nll.py", argv + list(extra), log_dir)
+    terms = {name: _load(os.path.join(log_dir, f"{name}_terms.npz"))["arr_0"] for name in ("vb", "mse", "xstart_mse")}
+    with open(os.path.join(log_dir, "nll_summary.json")) as f:
+        return terms, json.load(f)
+
+
+def test_image_nll_total_is_prior_plus_terms_and_matches_calc_bpd_loop(ckpt, image_dir, tmp_path):
+    from improved_diffusion.image_datasets import load_data
+    from improved_diffusion.sample_util import derive_seed
+
+    terms, summary = _nll(ckpt, image_dir, tmp_path, "--timestep_respacing", "5")
+    assert summary["count"] == 3
+    for name in ("vb", "mse", "xstart_mse"):
+        assert terms[name].shape == (5,)
+    np.testing.assert_allclose(summary["total_bpd"], summary["prior_bpd"] + terms["vb"].sum(), rtol=1e-6)
+
+    # The same numbers straight from calc_bpd_loop: batches of 2 then 1, the script's seed.
+    flags = dict(model_and_diffusion_defaults(), **TINY, timestep_respacing="5")
+    model, diffusion = create_model_and_diffusion(**flags)
+    model.load_state_dict(torch.load(ckpt, weights_only=True))
+    model.eval()
+    data = load_data(data_dir=image_dir, batch_size=2, image_size=16, deterministic=True)
+    torch.manual_seed(derive_seed(0, 0))
+    metrics = []
+    for take in (2, 1):
+        batch, _ = next(data)
+        with torch.no_grad():
+            metrics.append(diffusion.calc_bpd_loop(model, batch[:take], clip_denoised=True))
+    expected = {k: torch.cat([m[k] for m in metrics]).double().mean(dim=0).numpy() for k in metrics[0]}
+    np.testing.assert_allclose(summary["total_bpd"], expected["total_bpd"], rtol=0, atol=ATOL_FLOAT)
+    np.testing.assert_allclose(summary["prior_bpd"], expected["prior_bpd"], rtol=0, atol=ATOL_FLOAT)
+    for name in ("vb", "mse", "xstart_mse"):
+        np.testing.assert_allclose(terms[name], expected[name], rtol=0, atol=ATOL_FLOAT)
+
+
+def test_image_nll_timestep_batch_matches_unbatched(ckpt, image_dir, tmp_path):
+    flags = ["--timestep_respacing", "7", "--num_samples", 2]
+    plain, plain_summary = _nll(ckpt, image_dir, tmp_path / "k1", *flags)
+    batched, batched_summary = _nll(ckpt, image_dir, tmp_path / "k3", *flags, "--timestep_batch", 3)
+    for name in plain:
+        assert plain[name].shape == (7,)
+        np.testing.assert_allclose(batched[name], plain[name], rtol=0, atol=ATOL_FLOAT)
+    for key in ("total_bpd", "prior_bpd"):
+        np.testing.assert_allclose(batched_summary[key], plain_summary[key], rtol=0, atol=ATOL_FLOAT)
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--data_dir", "x"], "--model_path is required"),
+        (["--model_path", "m.pt"], "--data_dir is required"),
+        (["--model_path", "m.pt", "--data_dir", "x", "--timestep_batch", "0"], "--timestep_batch 0"),
+    ],
+)
+def test_image_nll_rejects_bad_flags(tmp_path, argv, match):
+    with pytest.raises(UserError, match=match):
+        _run_main("image_nll.py", argv, tmp_path)
