@@ -1,6 +1,6 @@
 """
-Layers and helpers shared by the UNet: the sinusoidal timestep embedding of [DDPM §3.2]
-(Transformer-style, as used by [IDDPM §4]), float32 group normalisation, dimension-generic
+Layers and helpers shared by the UNet: the sinusoidal timestep embedding of [DDPM §4]
+(Transformer-style, as used by [IDDPM App. A]), float32 group normalisation, dimension-generic
 convolution / pooling constructors, zero-initialisation helpers, gradient checkpointing, and
 the project's speed switches.
 
@@ -157,7 +157,7 @@ def update_ema(
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
     """
-    Sinusoidal timestep embeddings [DDPM §3.2, Appendix B]: cosines of ``t * f_i`` then sines,
+    Sinusoidal timestep embeddings [DDPM §4, App. B]: cosines of ``t * f_i`` then sines,
     with ``f_i = exp(-ln(max_period) * i / half)`` computed in float32 (``half = dim // 2``).
 
     :param timesteps: shape ``(N,)``, integer or float (fractional timesteps are allowed).

@@ -1,5 +1,5 @@
 """
-The attention UNet of [IDDPM §4] (the [DDPM] architecture with multi-head attention at chosen
+The attention UNet of [IDDPM App. A] (the [DDPM] architecture with multi-head attention at chosen
 resolutions, FiLM-style time conditioning and an optional class embedding) and its
 super-resolution variant.
 
@@ -16,7 +16,7 @@ original's fp16 mode); prefer autocast.
 
 import math
 from abc import abstractmethod
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -60,7 +60,7 @@ class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
         return x
 
 
-def _spatial_scale(dims: int) -> tuple:
+def _spatial_scale(dims: int) -> Union[int, Tuple[int, int, int]]:
     """Scale factor of an up/downsampling step: x2 on every spatial axis, except depth in 3D."""
     return (1, 2, 2) if dims == 3 else 2
 
@@ -121,7 +121,7 @@ class Downsample(nn.Module):
 
 class ResBlock(TimestepBlock):
     """
-    A residual block conditioned on the timestep embedding [IDDPM §4]: GroupNorm, SiLU, conv,
+    A residual block conditioned on the timestep embedding [IDDPM App. A]: GroupNorm, SiLU, conv,
     then the embedding (added, or as scale and shift after the second norm), GroupNorm, SiLU,
     dropout and a zero-initialised conv; plus a skip connection.
 
@@ -198,25 +198,27 @@ class ResBlock(TimestepBlock):
         return self.skip_connection(x) + h
 
 
-def _plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _plain_attention(qkv: torch.Tensor) -> torch.Tensor:
     """
-    ``softmax(q^T k / sqrt(d)) v^T`` per head with the softmax in float32.
+    ``softmax(q^T k / sqrt(d)) v^T`` per head, the softmax in float32.
 
-    :param q, k, v: shape ``(B, d, T)`` (B = batch x heads, d = channels per head, T positions).
-    :return: shape ``(B, d, T)``.
+    :param qkv: shape ``(N, H, 3 * d, T)``: per head, d channels of q, then k, then v.
+    :return: shape ``(N, H, d, T)``.
     """
-    scale = 1 / math.sqrt(math.sqrt(q.shape[1]))  # scale q and k each: gentler on float16
-    weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)  # (B, T_query, T_key)
+    q, k, v = qkv.chunk(3, dim=2)  # 3 x (N, H, d, T)
+    scale = 1 / math.sqrt(math.sqrt(q.shape[2]))  # scale q and k each: gentler on float16
+    weight = torch.einsum("nhct,nhcs->nhts", q * scale, k * scale)  # (N, H, T_query, T_key)
     weight = torch.softmax(weight.float(), dim=-1).to(weight.dtype)
-    return torch.einsum("bts,bcs->bct", weight, v)  # (B, d, T)
+    return torch.einsum("nhts,nhcs->nhct", weight, v)  # (N, H, d, T)
 
 
-def _sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _sdpa_attention(qkv: torch.Tensor) -> torch.Tensor:
     """Same as :func:`_plain_attention` through ``F.scaled_dot_product_attention``."""
-    # (B, d, T) -> (B, 1, T, d): SDPA wants positions before channels and a head axis.
-    q, k, v = (t.transpose(1, 2).unsqueeze(1) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v)  # (B, 1, T, d)
-    return out.squeeze(1).transpose(1, 2)  # (B, d, T)
+    # Positions before channels, channels contiguous: what the flash / memory-efficient kernels want.
+    qkv = qkv.transpose(2, 3).contiguous()  # (N, H, T, 3d)
+    q, k, v = qkv.chunk(3, dim=-1)  # 3 x (N, H, T, d)
+    out = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, d)
+    return out.transpose(2, 3)  # (N, H, d, T)
 
 
 def attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -231,9 +233,8 @@ def attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     :return: shape ``(N, C, T)``, the heads' outputs in order.
     """
     n, width, length = qkv.shape
-    qkv = qkv.reshape(n * num_heads, width // num_heads, length)  # (N*H, 3*d, T), d = C/H
-    q, k, v = qkv.chunk(3, dim=1)  # 3 x (N*H, d, T)
-    out = (_sdpa_attention if inn.SPEED.sdpa else _plain_attention)(q, k, v)  # (N*H, d, T)
+    qkv = qkv.reshape(n, num_heads, width // num_heads, length)  # (N, H, 3d, T), d = C / H
+    out = (_sdpa_attention if inn.SPEED.sdpa else _plain_attention)(qkv)  # (N, H, d, T)
     return out.reshape(n, -1, length)  # (N, C, T)
 
 
@@ -276,7 +277,7 @@ def _check_divisible(channels: int, divisor: int, what: str, flag: str) -> None:
 
 class UNetModel(nn.Module):
     """
-    The full UNet with attention and timestep embedding [IDDPM §4].
+    The full UNet with attention and timestep embedding [IDDPM App. A].
 
     :param in_channels: channels of the input ``x``.
     :param model_channels: base channel count C (the ``--num_channels`` flag).
@@ -339,65 +340,73 @@ class UNetModel(nn.Module):
         )
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, time_embed_dim)
-
-        def res_block(ch_in: int, ch_out: int) -> ResBlock:
-            return ResBlock(
-                ch_in,
-                time_embed_dim,
-                dropout,
-                out_channels=ch_out,
-                dims=dims,
-                use_checkpoint=use_checkpoint,
-                use_scale_shift_norm=use_scale_shift_norm,
-            )
-
-        def attention_block(ch: int, heads: int) -> AttentionBlock:
-            return AttentionBlock(ch, num_heads=heads, use_checkpoint=use_checkpoint)
-
-        # Down: every block's output is kept for a skip connection (first conv and downsamples too).
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))]
-        )
-        skip_chans = [model_channels]
-        ch, ds = model_channels, 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers: List[nn.Module] = [res_block(ch, mult * model_channels)]
-                ch = mult * model_channels
-                if ds in attention_resolutions:
-                    layers.append(attention_block(ch, num_heads))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_chans.append(ch)
-            if level != len(channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch, conv_resample, dims=dims)))
-                skip_chans.append(ch)
-                ds *= 2
-
+        # Registration order = the original's state_dict key order.
+        self.input_blocks, skip_chans = self._build_input_blocks()
+        ch = skip_chans[-1]
         self.middle_block = TimestepEmbedSequential(
-            res_block(ch, ch),
-            attention_block(ch, num_heads),
-            res_block(ch, ch),
+            self._res_block(ch, ch),
+            self._attention_block(ch, num_heads),
+            self._res_block(ch, ch),
         )
-
-        # Up: each block takes concat(h, last kept skip) along channels.
-        self.output_blocks = nn.ModuleList([])
-        for level, mult in list(enumerate(channel_mult))[::-1]:
-            for i in range(num_res_blocks + 1):
-                layers = [res_block(ch + skip_chans.pop(), model_channels * mult)]
-                ch = model_channels * mult
-                if ds in attention_resolutions:
-                    layers.append(attention_block(ch, num_heads_upsample))
-                if level and i == num_res_blocks:
-                    layers.append(Upsample(ch, conv_resample, dims=dims))
-                    ds //= 2
-                self.output_blocks.append(TimestepEmbedSequential(*layers))
-        assert not skip_chans
-
+        self.output_blocks = self._build_output_blocks(skip_chans)
+        ch = model_channels * channel_mult[0]  # the width the output blocks end at
         self.out = nn.Sequential(
             normalization(ch),
             SiLU(),
-            zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)),
+            zero_module(conv_nd(dims, ch, out_channels, 3, padding=1)),
         )
+
+    def _res_block(self, ch_in: int, ch_out: int) -> ResBlock:
+        return ResBlock(
+            ch_in,
+            self.model_channels * 4,
+            self.dropout,
+            out_channels=ch_out,
+            dims=self.dims,
+            use_checkpoint=self.use_checkpoint,
+            use_scale_shift_norm=self.use_scale_shift_norm,
+        )
+
+    def _attention_block(self, ch: int, num_heads: int) -> AttentionBlock:
+        return AttentionBlock(ch, num_heads=num_heads, use_checkpoint=self.use_checkpoint)
+
+    def _build_input_blocks(self) -> Tuple[nn.ModuleList, List[int]]:
+        """The downsampling half and the channels of every block's output (all kept as skips)."""
+        c = self.model_channels
+        blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(self.dims, self.in_channels, c, 3, padding=1))])
+        skip_chans = [c]
+        ch, ds = c, 1  # ds: downsample factor of the current level
+        for level, mult in enumerate(self.channel_mult):
+            for _ in range(self.num_res_blocks):
+                layers: List[nn.Module] = [self._res_block(ch, mult * c)]
+                ch = mult * c
+                if ds in self.attention_resolutions:
+                    layers.append(self._attention_block(ch, self.num_heads))
+                blocks.append(TimestepEmbedSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(self.channel_mult) - 1:
+                blocks.append(TimestepEmbedSequential(Downsample(ch, self.conv_resample, dims=self.dims)))
+                skip_chans.append(ch)
+                ds *= 2
+        return blocks, skip_chans
+
+    def _build_output_blocks(self, skip_chans: List[int]) -> nn.ModuleList:
+        """The upsampling half; each block takes concat(h, last kept skip) along channels."""
+        c, skip_chans = self.model_channels, list(skip_chans)
+        blocks = nn.ModuleList([])
+        ch, ds = skip_chans[-1], 2 ** (len(self.channel_mult) - 1)
+        for level, mult in list(enumerate(self.channel_mult))[::-1]:
+            for i in range(self.num_res_blocks + 1):
+                layers: List[nn.Module] = [self._res_block(ch + skip_chans.pop(), mult * c)]
+                ch = mult * c
+                if ds in self.attention_resolutions:
+                    layers.append(self._attention_block(ch, self.num_heads_upsample))
+                if level and i == self.num_res_blocks:
+                    layers.append(Upsample(ch, self.conv_resample, dims=self.dims))
+                    ds //= 2
+                blocks.append(TimestepEmbedSequential(*layers))
+        assert not skip_chans
+        return blocks
 
     def _check_channels(self) -> None:
         """Flag-level checks: every width splits into 32 norm groups and into the heads."""

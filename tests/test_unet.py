@@ -146,6 +146,13 @@ def test_dims_1_and_3_forward_shapes(dims, shape):
     assert out.shape == (shape[0], 6) + shape[2:]
 
 
+def test_first_multiplier_other_than_one_builds_and_runs():
+    # The original sized the last conv by model_channels and failed here; the width is C * mult[0].
+    model = _tiny(channel_mult=(2, 2))
+    assert model.out[2].weight.shape == (6, 64, 3, 3)
+    assert model(torch.randn(1, 3, 8, 8), torch.tensor([4])).shape == (1, 6, 8, 8)
+
+
 def test_no_conv_resample_has_no_resampling_weights():
     model = _tiny(conv_resample=False)
     assert not any(k.endswith((".op.weight", ".conv.weight")) for k in model.state_dict())
@@ -253,3 +260,22 @@ def test_feature_vectors_follow_the_blocks():
     assert len(features["down"]) == len(model.input_blocks)
     assert len(features["up"]) == len(model.output_blocks)
     assert features["middle"][0].shape == (1, 64, 4, 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_golden_and_fp16_autocast_with_fused_attention():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    data, model = _golden_model("unet_small.pt")
+    model.cuda()
+    x, t, y = (data[k].cuda() for k in ("x", "timesteps", "y"))
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        out = model(x, t, y=y)
+        # Only the fused kernels: this fails if the head layout forces SDPA's math fallback.
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            with torch.autocast("cuda", dtype=torch.float16):
+                out16 = model(x, t, y=y)
+    torch.testing.assert_close(out.cpu(), data["output"], rtol=0, atol=1e-4)
+    assert out16.dtype == torch.float32
+    assert (out16 - out).norm() / out.norm() < 1e-2
