@@ -15,3 +15,13 @@ def _seed_and_threads():
     """Every test starts from the same seed; the suite runs on the CPU."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _isolated_logger(tmp_path):
+    """Every test logs into its own folder (tmp_path/logger, log.txt + progress.csv, no stdout);
+    the previous logger is restored afterwards, so no test leaks logger state."""
+    from improved_diffusion import logger
+
+    with logger.scoped_configure(dir=str(tmp_path / "logger"), format_strs=["log", "csv"]):
+        yield
