@@ -57,6 +57,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         deterministic=True,
     )
 
+    shard = len(data.dataset)
+    if args.num_samples > shard * dist_util.get_world_size():
+        logger.log(f"note: --num_samples {args.num_samples} is more than the images in --data_dir; some count twice")
+
     logger.log("evaluating...")
     # calc_bpd_loop draws its q_sample noise from the global RNG: one stream per rank.
     torch.manual_seed(derive_seed(args.seed, dist_util.get_rank()))

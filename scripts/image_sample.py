@@ -4,6 +4,11 @@ Generate a large batch of image samples from a model and save them as a large nu
 
 This can be used to produce samples for FID evaluation. The model/diffusion flags default to
 the ``args.json`` saved beside ``--model_path`` at training; flags given here override them.
+
+Seeds: sample ``i``'s start noise (and its random class label) come from a generator seeded
+by ``(--seed, i)``, so DDIM with ``--eta 0`` gives the same image ``i`` for any
+``--batch_size`` and number of processes; ancestral sampling repeats exactly for the same
+seed, batch size and number of processes (see ``improved_diffusion.sample_util``).
 """
 
 import argparse

@@ -307,6 +307,25 @@ def test_super_res_sample_upsamples_to_large_size(sr_ckpt, tmp_path):
     assert (out / "samples_4x16x16x3.png").exists()
 
 
+def test_class_conditional_super_res_keeps_base_labels(tmp_path_factory, tmp_path):
+    folder = tmp_path_factory.mktemp("sr_cond_ckpt")
+    ckpt = _save_checkpoint(
+        folder, sr_model_and_diffusion_defaults, sr_create_model_and_diffusion, **dict(TINY_SR, class_cond=True)
+    )
+    base = tmp_path / "base.npz"
+    images = _base_samples(base, n=2)
+    np.savez(base, images, np.array([4, 9]))
+    _run_main(
+        "super_res_sample.py",
+        ["--model_path", ckpt, "--base_samples", base, "--num_samples", 3, "--timestep_respacing", 2],
+        tmp_path / "out",
+    )
+    arrays = _load(tmp_path / "out" / "samples_3x16x16x3.npz")
+    assert arrays["arr_0"].shape == (3, 16, 16, 3)
+    assert arrays["arr_1"].dtype == np.int64
+    np.testing.assert_array_equal(arrays["arr_1"], [4, 9, 4])  # base samples cycled
+
+
 _GOOD = np.zeros((2, 8, 8, 3), np.uint8)
 
 
@@ -402,6 +421,23 @@ def test_image_nll_timestep_batch_matches_unbatched(ckpt, image_dir, tmp_path):
         np.testing.assert_allclose(batched[name], plain[name], rtol=0, atol=ATOL_FLOAT)
     for key in ("total_bpd", "prior_bpd"):
         np.testing.assert_allclose(batched_summary[key], plain_summary[key], rtol=0, atol=ATOL_FLOAT)
+
+
+@pytest.mark.mpi
+def test_image_nll_on_two_ranks_counts_every_image_once(ckpt, image_dir, tmp_path):
+    """3 images in batches of 1 on 2 ranks: the second round leaves rank 1 idle."""
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.skip("mpiexec not found")
+    out = tmp_path / "out"
+    argv = ["--model_path", ckpt, "--data_dir", image_dir, "--num_samples", 3, "--batch_size", 1]
+    argv += ["--timestep_respacing", 3, "--log_dir", out]
+    proc = _run_subprocess("image_nll.py", argv, launcher=[mpiexec, "-n", "2"])
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "nll_summary.json").read_text())
+    vb = _load(out / "vb_terms.npz")["arr_0"]
+    assert summary["count"] == 3 and vb.shape == (3,)
+    np.testing.assert_allclose(summary["total_bpd"], summary["prior_bpd"] + vb.sum(), rtol=1e-6)
 
 
 @pytest.mark.parametrize(
