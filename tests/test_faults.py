@@ -788,3 +788,182 @@ def test_bad_image_in_worker_process_is_named(tmp_path):
     loader = load_data(data_dir=folder, batch_size=2, image_size=8, deterministic=True, num_workers=1, rank=0, world_size=1)
     with pytest.raises(UserError, match=rf"{re.escape(os.path.join(folder, 'b.png'))}: the file is empty"):
         next(loader)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Flags: a wrong type or an unknown choice fails before any work starts
+
+TINY_FLAGS = dict(
+    num_channels=32,
+    channel_mult="1",
+    num_res_blocks=1,
+    attention_resolutions="",
+    diffusion_steps=4,
+    noise_schedule="cosine",
+    learn_sigma=True,
+)
+
+
+def _tiny_checkpoint(folder, sr=False):
+    """A tiny model000000.pt with its args.json (what training leaves behind)."""
+    from improved_diffusion import script_util as su
+
+    if sr:
+        flags = dict(su.sr_model_and_diffusion_defaults(), **TINY_FLAGS, large_size=8, small_size=4)
+        model, _ = su.sr_create_model_and_diffusion(**flags)
+    else:
+        flags = dict(su.model_and_diffusion_defaults(), **TINY_FLAGS, image_size=8)
+        model, _ = su.create_model_and_diffusion(**flags)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "model000000.pt")
+    torch.save(model.state_dict(), path)
+    su.save_args_json(argparse.Namespace(**flags), folder)
+    return path
+
+
+@pytest.fixture(scope="module")
+def script_inputs(tmp_path_factory):
+    """Valid inputs for every script, so that only the flag under test is wrong."""
+    root = tmp_path_factory.mktemp("inputs")
+    data = root / "data"
+    data.mkdir()
+    for i in range(2):
+        _write(data / f"c{i}_{i}.png", _png_bytes(np.roll(RGB, i, axis=0)[:8, :8]))
+    base = _npz(root / "base.npz", arr_0=np.zeros((2, 4, 4, 3), np.uint8))
+    return dict(
+        data=str(data),
+        base=base,
+        ckpt=_tiny_checkpoint(str(root / "ckpt")),
+        sr_ckpt=_tiny_checkpoint(str(root / "sr_ckpt"), sr=True),
+    )
+
+
+def _train_argv(inputs, sr=False):
+    size = ["--large_size", 8, "--small_size", 4] if sr else ["--image_size", 8]
+    flags = [x for k, v in TINY_FLAGS.items() for x in (f"--{k}", v)]
+    return ["--data_dir", inputs["data"], "--batch_size", 2, "--max_steps", 1, *size, *flags]
+
+
+def _base_argv(script, inputs):
+    """A working command line for ``script`` (the log folder is added by the caller)."""
+    return {
+        "image_sample.py": lambda: ["--model_path", inputs["ckpt"], "--num_samples", 1, "--batch_size", 1],
+        "super_res_sample.py": lambda: ["--model_path", inputs["sr_ckpt"], "--base_samples", inputs["base"],
+                                        "--num_samples", 1, "--batch_size", 1],
+        "image_nll.py": lambda: ["--model_path", inputs["ckpt"], "--data_dir", inputs["data"], "--num_samples", 1],
+        "image_train.py": lambda: _train_argv(inputs),
+        "super_res_train.py": lambda: _train_argv(inputs, sr=True),
+    }[script]()
+
+
+INT, FLOAT, BOOL = r"invalid int value: '{v}'", r"invalid float value: '{v}'", r"boolean value expected.*'{v}'"
+MODEL_BAD = [
+    ("num_channels", "abc", INT),
+    ("num_res_blocks", "1.5", INT),
+    ("diffusion_steps", "ten", INT),
+    ("dropout", "x", FLOAT),
+    ("learn_sigma", "maybe", BOOL),
+    ("class_cond", "2", BOOL),
+    ("use_scale_shift_norm", "", BOOL),
+    ("noise_schedule", "quadratic", r"'linear', 'cosine'"),
+    ("timestep_respacing", "ddimx", r"'ddimx'"),
+    ("timestep_respacing", "10,abc", r"'10,abc'"),
+    ("attention_resolutions", "16;8", r"'16;8'"),
+    ("channel_mult", "1,x", r"'1,x'"),
+]
+SAMPLE_BAD = [("num_samples", "many", INT), ("use_ddim", "yes please", BOOL), ("eta", "x", FLOAT),
+              ("clip_denoised", "sure", BOOL), ("seed", "0.5", INT)]
+TRAIN_BAD = [
+    ("schedule_sampler", "importance", r"'uniform', 'loss-second-moment'"),
+    ("lr", "fast", FLOAT),
+    ("batch_size", "two", INT),
+    ("microbatch", "half", INT),
+    ("use_fp16", "perhaps", BOOL),
+    ("ema_rate", "0.9,x", r"'0.9,x'"),
+    ("save_interval", "1e3", INT),
+]
+SCRIPT_BAD = {
+    "image_sample.py": MODEL_BAD + SAMPLE_BAD,
+    "super_res_sample.py": MODEL_BAD + SAMPLE_BAD + [("large_size", "big", INT)],
+    "image_nll.py": MODEL_BAD + [("num_samples", "all", INT), ("timestep_batch", "x", INT)],
+    "image_train.py": MODEL_BAD + TRAIN_BAD,
+    "super_res_train.py": MODEL_BAD + TRAIN_BAD + [("small_size", "4.0", INT)],
+}
+# Known defects (tests stay strict-xfail until fixed; see /work/brief/fault_findings.md).
+LATE_CHECK = (
+    "F1: the script creates --log_dir (logger.configure) before the model/diffusion flags are "
+    "checked in create_model_and_diffusion"
+)
+ARGPARSE_USAGE = "F2: argparse prints its 20-line usage before the error line"
+KNOWN = {
+    (script, flag): LATE_CHECK
+    for script in ("image_sample.py", "super_res_sample.py", "image_nll.py")
+    for flag in ("noise_schedule", "timestep_respacing", "attention_resolutions", "channel_mult")
+}
+
+
+def _case(script, *values, id, known=None):
+    reason = known if known is not None else KNOWN.get((script, values[0]))
+    marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+    return pytest.param(script, *values, id=id, marks=marks)
+
+
+FLAG_CASES = [
+    _case(script, flag, value, match, id=f"{script[:-3]}--{flag}={value}")
+    for script, cases in SCRIPT_BAD.items()
+    for flag, value, match in cases
+]
+
+
+def _run_with_bad_flag(script, flag, value, inputs, tmp_path, capsys):
+    if not _has_script(script):
+        pytest.skip(f"scripts/{script} not written yet")
+    log_dir = tmp_path / "log"
+    argv = _base_argv(script, inputs) + [f"--{flag}", value, "--log_dir", log_dir]
+    code, err = _run_script(script, argv, capsys)
+    return code, err, log_dir
+
+
+@pytest.mark.parametrize("script, flag, value, match", FLAG_CASES)
+def test_bad_flag_fails_before_any_work(script_inputs, tmp_path, capsys, script, flag, value, match):
+    code, err, log_dir = _run_with_bad_flag(script, flag, value, script_inputs, tmp_path, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and lines, err
+    assert f"--{flag}" in lines[-1] and re.search(match.replace("{v}", re.escape(value)), lines[-1]), err
+    assert not log_dir.exists(), f"{script} created its log folder before rejecting --{flag}"
+
+
+ONE_LINE_CASES = [
+    _case(script, "num_channels", "abc", id=f"{script[:-3]}--num_channels", known=ARGPARSE_USAGE)
+    for script in SCRIPT_BAD
+] + [_case(script, "noise_schedule", "quadratic", id=f"{script[:-3]}--noise_schedule", known="") for script in SCRIPT_BAD]
+
+
+@pytest.mark.parametrize("script, flag, value", ONE_LINE_CASES)
+def test_bad_flag_message_is_one_line(script_inputs, tmp_path, capsys, script, flag, value):
+    _, err, _ = _run_with_bad_flag(script, flag, value, script_inputs, tmp_path, capsys)
+    assert f"--{flag}" in _one_line(err)
+
+
+CONTRADICTIONS = [
+    ("num_channels", 64),
+    ("num_res_blocks", 2),
+    ("learn_sigma", False),
+    ("class_cond", True),
+    ("use_scale_shift_norm", False),
+    ("channel_mult", "1,2"),
+]
+
+
+@pytest.mark.parametrize("script", ["image_sample.py", "image_nll.py", "super_res_sample.py"])
+@pytest.mark.parametrize("flag, value", CONTRADICTIONS)
+def test_flag_contradicting_the_checkpoint_is_named(script_inputs, tmp_path, capsys, script, flag, value):
+    if not _has_script(script):
+        pytest.skip(f"scripts/{script} not written yet")
+    argv = _base_argv(script, script_inputs) + [f"--{flag}", value, "--log_dir", tmp_path / "log"]
+    code, err = _run_script(script, argv, capsys)
+    line = _one_line(err)
+    assert code == 2 and f"--{flag}" in line, line
+    if not (script == "super_res_sample.py" and flag == "class_cond"):  # there the base samples object first
+        assert "model000000.pt" in line, line
+    assert not [f for f in os.listdir(tmp_path / "log") if f.endswith(".npz")] if (tmp_path / "log").exists() else True
