@@ -279,3 +279,13 @@ def test_cuda_golden_and_fp16_autocast_with_fused_attention():
     torch.testing.assert_close(out.cpu(), data["output"], rtol=0, atol=1e-4)
     assert out16.dtype == torch.float32
     assert (out16 - out).norm() / out.norm() < 1e-2
+
+
+def test_superres_feature_vectors_see_low_res():
+    model = SuperResModel(3, 32, 3, 1, (), channel_mult=(1, 2)).eval()
+    x, low_res = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 4, 4)
+    with torch.no_grad():
+        features = model.get_feature_vectors(x, torch.tensor([3]), low_res=low_res)
+        other = model.get_feature_vectors(x, torch.tensor([3]), low_res=low_res + 1)
+    assert len(features["down"]) == len(model.input_blocks) == 4
+    assert not torch.equal(features["down"][0], other["down"][0])
