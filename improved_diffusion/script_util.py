@@ -176,7 +176,7 @@ def create_model(
     dropout: float,
     channel_mult: str = "",
 ) -> UNetModel:
-    """Build the attention UNet of [IDDPM §4] from flags (3 input channels, 3 or 6 output)."""
+    """Build the attention UNet of [IDDPM App. A] from flags (3 input channels, 3 or 6 output)."""
     _check_positive(image_size=image_size, num_channels=num_channels, num_res_blocks=num_res_blocks)
     _check_positive(num_heads=num_heads)
     if not 0.0 <= dropout < 1.0:
