@@ -20,6 +20,7 @@ gathers them back into index order, so the archive's order does not depend on ``
 """
 
 import argparse
+import functools
 import os
 import shlex
 import sys
@@ -198,67 +199,78 @@ def sample_images(
         kwargs in ``gather_keys``, gathered the same way, as NumPy arrays; on other ranks
         ``(None, {})``.
     """
-    device = dist_util.dev()
     rank = dist_util.get_rank()
     show = progress and rank == 0
     indices = rank_indices(num_samples)
     batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
     images, kwargs_parts = [], []
-    loop = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
-    extra = dict(eta=eta) if use_ddim else {}
     for batch_index, batch in enumerate(_progress(batches, show, "batches")):
         generators = sample_generators(seed, batch)
-        noise = torch.stack([torch.randn(image_shape, generator=g) for g in generators]).to(device)
+        noise = torch.stack([torch.randn(image_shape, generator=g) for g in generators])  # (B, C, H, W)
         model_kwargs = kwargs_fn(batch, generators) if kwargs_fn is not None else {}
-        model_kwargs = {k: v.to(device) for k, v in model_kwargs.items()}
         # Step noise: the diffusion draws it from the global RNG (see the module docstring).
         torch.manual_seed(derive_seed(seed, _STEP_STREAM, rank, batch_index))
-        with torch.no_grad():
-            sample = loop(
-                model,
-                (len(batch),) + tuple(image_shape),
-                noise=noise,
-                clip_denoised=clip_denoised,
-                model_kwargs=model_kwargs,
-                device=device,
-                progress=show,
-                **extra,
-            )
+        sample = _run_loop(model, diffusion, noise, model_kwargs, use_ddim, eta, clip_denoised, show)
         images.append(torch.from_numpy(to_uint8_nhwc(sample)))
         kwargs_parts.append({k: v.cpu() for k, v in model_kwargs.items() if k in gather_keys})
     if not batches and kwargs_fn is not None:
         # A rank with no samples still takes part in every gather, with empty tensors.
         kwargs_parts.append({k: v for k, v in kwargs_fn(indices, []).items() if k in gather_keys})
-    local = {"images": _cat(images, (0,) + _nhwc(image_shape), torch.uint8), "index": torch.from_numpy(indices)}
+    c, h, w = image_shape
+    local = {"images": torch.cat(images) if images else torch.zeros((0, h, w, c), dtype=torch.uint8)}
     for key in kwargs_parts[0] if kwargs_parts else ():
         local[key] = torch.cat([part[key] for part in kwargs_parts])
-    gathered = {key: _gather_in_order(value, num_samples, local["index"]) for key, value in local.items()}
-    if rank != 0:
+    gathered = _gather_in_order(local, torch.from_numpy(indices), num_samples)
+    if gathered is None:
         return None, {}
-    gathered.pop("index")
     return gathered.pop("images"), gathered
 
 
-def _nhwc(image_shape: Tuple[int, int, int]) -> Tuple[int, int, int]:
-    c, h, w = image_shape
-    return (h, w, c)
+def _run_loop(
+    model: Callable[..., torch.Tensor],
+    diffusion: Any,
+    noise: torch.Tensor,
+    model_kwargs: Dict[str, torch.Tensor],
+    use_ddim: bool,
+    eta: float,
+    clip_denoised: bool,
+    progress: bool,
+) -> torch.Tensor:
+    """One batch through the ancestral or DDIM loop, from x_T = ``noise`` (B, C, H, W)."""
+    device = dist_util.dev()
+    loop = functools.partial(diffusion.ddim_sample_loop, eta=eta) if use_ddim else diffusion.p_sample_loop
+    with torch.no_grad():
+        return loop(
+            model,
+            tuple(noise.shape),
+            noise=noise.to(device),
+            clip_denoised=clip_denoised,
+            model_kwargs={k: v.to(device) for k, v in model_kwargs.items()},
+            device=device,
+            progress=progress,
+        )
 
 
-def _cat(parts: List[torch.Tensor], empty_shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    return torch.cat(parts) if parts else torch.zeros(empty_shape, dtype=dtype)
+def _gather_in_order(
+    local: Dict[str, torch.Tensor], index: torch.Tensor, num_samples: int
+) -> Optional[Dict[str, np.ndarray]]:
+    """
+    Gather per-sample tensors from every rank and put each row at its global sample index.
 
-
-def _gather_in_order(tensor: torch.Tensor, num_samples: int, index: torch.Tensor) -> Optional[np.ndarray]:
-    """Gather a per-sample tensor from every rank and put row ``k`` at its global index."""
-    parts = dist_util.all_gather_tensors(tensor)
-    indices = dist_util.all_gather_tensors(index)
+    :param local: this rank's (n_r, ...) tensors.
+    :param index: (n_r,) int64 global indices of those rows.
+    :return: on rank 0 the (num_samples, ...) arrays under the same keys; None elsewhere.
+    """
+    order = torch.cat(dist_util.all_gather_tensors(index)).numpy()
+    parts = {key: dist_util.all_gather_tensors(value) for key, value in local.items()}
     if dist_util.get_rank() != 0:
         return None
-    values = torch.cat(parts).numpy()
-    order = torch.cat(indices).numpy()
-    out = np.empty_like(values)
-    out[order] = values
-    assert len(out) == num_samples
+    assert sorted(order.tolist()) == list(range(num_samples))
+    out = {}
+    for key, tensors in parts.items():
+        values = torch.cat(tensors).numpy()
+        out[key] = np.empty_like(values)
+        out[key][order] = values
     return out
 
 
