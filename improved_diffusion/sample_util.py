@@ -347,3 +347,12 @@ def labels_for(
     return torch.cat(
         [torch.randint(0, NUM_CLASSES, (1,), generator=g) for g in generators] + [torch.zeros(0, dtype=torch.int64)]
     )
+
+
+def class_label_kwargs(class_labels: Optional[List[int]]) -> KwargsFn:
+    """The ``kwargs_fn`` of a class-conditional model: ``{"y": labels_for(...)}``."""
+
+    def kwargs_fn(indices: np.ndarray, generators: List[torch.Generator]) -> Dict[str, torch.Tensor]:
+        return {"y": labels_for(indices, generators, class_labels)}
+
+    return kwargs_fn

@@ -19,7 +19,7 @@ from improved_diffusion.errors import run_main
 from improved_diffusion.sample_util import (
     add_grid_alias,
     bf16_autocast,
-    labels_for,
+    class_label_kwargs,
     load_checkpoint_model,
     log_saved_flags,
     parse_class_labels,
@@ -50,9 +50,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     model, diffusion = load_checkpoint_model(args, model_and_diffusion_defaults().keys(), create_model_and_diffusion)
 
     logger.log("sampling...")
-    kwargs_fn = None
-    if args.class_cond:
-        kwargs_fn = lambda indices, generators: {"y": labels_for(indices, generators, class_labels)}  # noqa: E731
     images, kwargs = sample_images(
         bf16_autocast(model, args.use_bf16),
         diffusion,
@@ -63,7 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         use_ddim=args.use_ddim,
         eta=args.eta,
         clip_denoised=args.clip_denoised,
-        kwargs_fn=kwargs_fn,
+        kwargs_fn=class_label_kwargs(class_labels) if args.class_cond else None,
     )
     if dist_util.is_main_process():
         save_samples(images, kwargs.get("y"), num_grid=args.num_grid, rows_by_label=class_labels is not None)

@@ -8,7 +8,7 @@ Sample ``i`` upsamples base sample ``i mod len(base_samples)`` (the original cyc
 
 import argparse
 import io
-from typing import Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         args, sr_model_and_diffusion_defaults().keys(), sr_create_model_and_diffusion
     )
 
-    def kwargs_fn(indices, generators):
+    def kwargs_fn(indices: np.ndarray, generators: List[torch.Generator]) -> Dict[str, torch.Tensor]:
         base = indices % len(base_images)
         low_res = torch.from_numpy(base_images[base]).float() / 127.5 - 1.0  # (B, h, w, 3)
         model_kwargs = {"low_res": low_res.permute(0, 3, 1, 2)}  # (B, 3, h, w)
