@@ -5,7 +5,8 @@ sampling loop over ranks and batches, and writing ``samples_{N}x{H}x{W}x3.npz`` 
 grid.
 
 Reproducibility (per-sample seeds, as in EDM's ``generate.py``): sample ``i`` gets its own
-``torch.Generator`` seeded from ``(seed, i)``. It draws that sample's start noise x_T and
+``torch.Generator`` seeded from ``(seed, i)`` (and the script, so that super-resolution
+noise is not the base samples' noise again). It draws that sample's start noise x_T and
 then, where the script needs one, its random class label. The noise added at each ancestral
 step (and by DDIM with ``eta > 0``) comes from the global RNG inside the diffusion, which is
 reseeded from ``(seed, rank, batch index)`` before every batch. Hence:
@@ -38,6 +39,9 @@ from .script_util import NUM_CLASSES, args_to_dict
 # Tags keep the seed streams of start noise and step noise apart.
 _SAMPLE_STREAM = 0
 _STEP_STREAM = 1
+# Tags of the scripts, so that super-resolution noise is not a copy of the base samples' noise.
+IMAGE_SAMPLE_SCRIPT = 0
+SUPER_RES_SCRIPT = 1
 
 KwargsFn = Callable[[np.ndarray, List[torch.Generator]], Dict[str, torch.Tensor]]
 
@@ -163,9 +167,9 @@ def derive_seed(*entropy: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
-def sample_generators(seed: int, indices: Sequence[int]) -> List[torch.Generator]:
-    """One CPU generator per global sample index, seeded from ``(seed, index)``."""
-    return [torch.Generator().manual_seed(derive_seed(seed, _SAMPLE_STREAM, int(i))) for i in indices]
+def sample_generators(seed: int, indices: Sequence[int], script: int = IMAGE_SAMPLE_SCRIPT) -> List[torch.Generator]:
+    """One CPU generator per global sample index, seeded from ``(seed, script, index)``."""
+    return [torch.Generator().manual_seed(derive_seed(seed, script, _SAMPLE_STREAM, int(i))) for i in indices]
 
 
 def rank_indices(num_samples: int) -> np.ndarray:
@@ -186,6 +190,7 @@ def sample_images(
     clip_denoised: bool = True,
     kwargs_fn: Optional[KwargsFn] = None,
     gather_keys: Sequence[str] = ("y",),
+    script: int = IMAGE_SAMPLE_SCRIPT,
     progress: bool = True,
 ) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
     """
@@ -195,6 +200,7 @@ def sample_images(
     :param kwargs_fn: called per batch with the batch's global indices and their generators
         (already used for x_T) and returns the model kwargs, e.g. ``{"y": (B,) int64}``.
     :param gather_keys: the model kwargs to return with the images (labels; not ``low_res``).
+    :param script: ``IMAGE_SAMPLE_SCRIPT`` or ``SUPER_RES_SCRIPT``, mixed into every seed.
     :return: on rank 0 the (num_samples, H, W, C) uint8 images in index order and the model
         kwargs in ``gather_keys``, gathered the same way, as NumPy arrays; on other ranks
         ``(None, {})``.
@@ -205,11 +211,11 @@ def sample_images(
     batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
     images, kwargs_parts = [], []
     for batch_index, batch in enumerate(_progress(batches, show, "batches")):
-        generators = sample_generators(seed, batch)
+        generators = sample_generators(seed, batch, script)
         noise = torch.stack([torch.randn(image_shape, generator=g) for g in generators])  # (B, C, H, W)
         model_kwargs = kwargs_fn(batch, generators) if kwargs_fn is not None else {}
         # Step noise: the diffusion draws it from the global RNG (see the module docstring).
-        torch.manual_seed(derive_seed(seed, _STEP_STREAM, rank, batch_index))
+        torch.manual_seed(derive_seed(seed, script, _STEP_STREAM, rank, batch_index))
         sample = _run_loop(model, diffusion, noise, model_kwargs, use_ddim, eta, clip_denoised, show)
         images.append(torch.from_numpy(to_uint8_nhwc(sample)))
         kwargs_parts.append({k: v.cpu() for k, v in model_kwargs.items() if k in gather_keys})

@@ -17,6 +17,7 @@ from improved_diffusion import dist_util, logger
 from improved_diffusion.errors import UserError, run_main
 from improved_diffusion.fileio import read_bytes
 from improved_diffusion.sample_util import (
+    SUPER_RES_SCRIPT,
     add_grid_alias,
     bf16_autocast,
     load_checkpoint_model,
@@ -47,6 +48,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise UserError("--base_samples is required: an .npz of low-resolution samples from image_sample.py")
     base_images, base_labels = load_base_samples(args.base_samples, args.small_size, args.class_cond)
     logger.log(f"loaded {len(base_images)} base samples from {args.base_samples}")
+    if args.num_samples > len(base_images):
+        logger.log(f"note: --num_samples {args.num_samples} > {len(base_images)} base samples: they are cycled")
 
     logger.log("creating model...")
     model, diffusion = load_checkpoint_model(
@@ -73,6 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         eta=args.eta,
         clip_denoised=args.clip_denoised,
         kwargs_fn=kwargs_fn,
+        script=SUPER_RES_SCRIPT,
     )
     if dist_util.is_main_process():
         save_samples(images, kwargs.get("y"), num_grid=args.num_grid)

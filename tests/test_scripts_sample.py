@@ -449,3 +449,20 @@ def test_image_nll_on_two_ranks_counts_every_image_once(ckpt, image_dir, tmp_pat
 def test_image_nll_rejects_bad_flags(tmp_path, argv, match):
     with pytest.raises(UserError, match=match):
         _run_main("image_nll.py", argv, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------
+# sample_util seeds
+
+
+def test_sample_generators_are_per_index_and_per_script():
+    from improved_diffusion.sample_util import IMAGE_SAMPLE_SCRIPT, SUPER_RES_SCRIPT, sample_generators
+
+    def first_draws(seed, indices, script=IMAGE_SAMPLE_SCRIPT):
+        return torch.stack([torch.randn(4, generator=g) for g in sample_generators(seed, indices, script)])
+
+    both = first_draws(0, [0, 1])
+    torch.testing.assert_close(first_draws(0, [1]), both[1:], rtol=0, atol=0)  # index, not position
+    assert not torch.equal(both[0], both[1])
+    assert not torch.equal(first_draws(1, [0])[0], both[0])  # another seed
+    assert not torch.equal(first_draws(0, [0], SUPER_RES_SCRIPT)[0], both[0])  # another script
