@@ -128,6 +128,15 @@ def test_single_process_group_in_process(no_process_group, clean_env):
     assert not dist.is_initialized() and dist_util.get_world_size() == 1
 
 
+def test_mpiexec_without_mpi4py_is_a_user_error(no_process_group, clean_env):
+    clean_env.setenv("PMI_RANK", "0")
+    clean_env.setenv("PMI_SIZE", "2")
+    clean_env.setitem(sys.modules, "mpi4py", None)
+    with pytest.raises(UserError, match=r"started by mpiexec \(2 processes\) but mpi4py is not installed"):
+        dist_util.setup_dist()
+    assert not dist.is_initialized()
+
+
 def test_user_cuda_visible_devices_is_respected(no_process_group, clean_env):
     """With (mocked) GPUs, the device follows the local rank among the visible ones and
     CUDA_VISIBLE_DEVICES is never written."""
@@ -180,6 +189,7 @@ def run_job(cmd, cwd):
         for k, v in os.environ.items()
         if k not in LAUNCHER_VARS and not k.startswith(LAUNCHER_PREFIXES)
     }
+    env.pop("OPENAI_LOGDIR", None)
     env.update(
         PATH=BIN + os.pathsep + env.get("PATH", ""),
         OMP_NUM_THREADS="1",

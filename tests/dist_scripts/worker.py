@@ -73,6 +73,11 @@ def check_logger(rank: int, world: int, log_dir: str) -> None:
     assert kvs["loss"] == sum(all_values) / len(all_values), kvs
     assert kvs["step"] == 7
     logger.get_current().close()
+    # Without a folder argument or OPENAI_LOGDIR, every rank agrees on rank 0's time stamp.
+    with logger.scoped_configure(format_strs=["log"]) as default:
+        folders = [None] * world
+        dist.all_gather_object(folders, default.get_dir())
+        assert len(set(folders)) == 1 and folders[0].startswith("logs"), folders
 
 
 def main() -> None:
