@@ -310,6 +310,9 @@ class ImageLoader:
             collate_fn=_collate,
             pin_memory=torch.cuda.is_available(),
             prefetch_factor=4 if num_workers > 0 else None,
+            # Its own generator: starting an iterator (as a resume does) must not draw from
+            # the global torch RNG, or the training noise after a resume would differ.
+            generator=torch.Generator().manual_seed(seed),
         )
         self.position = 0
         self._iter: Optional[Iterator[Any]] = None

@@ -1,0 +1,135 @@
+"""
+Mixed precision for training: one object owns the autocast dtype and the fp16 loss scaler.
+
+Weights, gradients, optimizer state and EMA stay float32 (so checkpoints load into the
+original); only the network's forward runs under ``torch.autocast``. Float16 uses
+``torch.amp.GradScaler``, which plays the role of the original's hand-written dynamic loss
+scale: start at 2^20, halve and skip the step on a non-finite gradient, and grow. The original
+adds ``fp16_scale_growth`` to log2(scale) after every good step; here the scale doubles after
+``round(1 / fp16_scale_growth)`` good steps in a row (the same average growth rate).
+Bfloat16 has float32's range and needs no scaler.
+
+On a CPU, ``use_fp16`` falls back to bfloat16 with a logged warning: float16 autocast on CPUs is
+slow or unsupported for many ops, and bfloat16 is what CPUs accelerate.
+"""
+
+import contextlib
+import math
+from typing import Any, Dict, Iterable, Optional
+
+import torch
+
+from .errors import UserError
+
+INITIAL_LG_LOSS_SCALE = 20.0
+
+
+class MixedPrecision:
+    """
+    Autocast + (for float16 on CUDA) a gradient scaler, behind five calls: ``autocast()``,
+    ``zero_grad()``, ``backward()``, ``step()`` and ``state_dict()``.
+
+    :param device: the training device.
+    :param use_fp16: float16 autocast with dynamic loss scaling (bfloat16 on a CPU).
+    :param use_bf16: bfloat16 autocast, no loss scaling.
+    :param fp16_scale_growth: log2 growth of the loss scale per good step (original's flag).
+    :param log: called with a warning line (e.g. ``logger.log``) when fp16 falls back to bf16.
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        use_fp16: bool = False,
+        use_bf16: bool = False,
+        fp16_scale_growth: float = 1e-3,
+        log: Optional[Any] = None,
+    ):
+        if use_fp16 and use_bf16:
+            raise UserError("--use_fp16 and --use_bf16 exclude each other: pick one")
+        if use_fp16 and fp16_scale_growth <= 0:
+            raise UserError(f"--fp16_scale_growth {fp16_scale_growth}: must be positive")
+        self.device = torch.device(device)
+        self.dtype: Optional[torch.dtype] = None
+        self.scaler: Optional[torch.amp.GradScaler] = None
+        if use_fp16 and self.device.type != "cuda":
+            if log is not None:
+                log(f"warning: --use_fp16 on {self.device.type}: using bfloat16 autocast instead")
+            use_fp16, use_bf16 = False, True
+        if use_fp16:
+            interval = max(1, round(1.0 / fp16_scale_growth))
+            self.dtype = torch.float16
+            self.scaler = torch.amp.GradScaler(
+                self.device.type,
+                init_scale=2.0**INITIAL_LG_LOSS_SCALE,
+                growth_factor=2.0 ** (fp16_scale_growth * interval),
+                backoff_factor=0.5,
+                growth_interval=interval,
+            )
+        elif use_bf16:
+            self.dtype = torch.bfloat16
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the forward runs under autocast at all."""
+        return self.dtype is not None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Context for the network's forward (a no-op in float32)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def zero_grad(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Drop the gradients of ``params`` (set to None, as ``Optimizer.zero_grad`` does)."""
+        for p in params:
+            p.grad = None
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate ``loss`` (multiplied by the loss scale in float16)."""
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        """Divide the gradients by the loss scale in place (before measuring or clipping them)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> bool:
+        """
+        Take the optimizer step unless the gradient is not finite.
+
+        Needs one host-device sync for the decision (as ``GradScaler.step`` always does).
+
+        :param grad_norm: 0-d tensor, the global L2 norm of the unscaled gradients.
+        :return: True if the step was taken, False if skipped (weights untouched).
+        """
+        finite = bool(torch.isfinite(grad_norm))
+        if self.scaler is not None:
+            self.scaler.step(optimizer)  # skips by itself when the grads hold inf/NaN
+            self.scaler.update()
+        elif finite:
+            optimizer.step()
+        return finite
+
+    @property
+    def lg_loss_scale(self) -> Optional[float]:
+        """log2 of the current loss scale (float16 only; reading it syncs with the device)."""
+        if self.scaler is None:
+            return None
+        return math.log2(self.scaler.get_scale())
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The scaler's state (empty without one); plain numbers, safe for ``weights_only``."""
+        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a state without scaler leaves the initial scale."""
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    """Global L2 norm of the gradients of ``params`` as a float32 0-d tensor (no host sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads, norm_type=2.0).float()

@@ -1,0 +1,622 @@
+"""
+The training loop of [IDDPM §4]: sample timesteps (uniformly or by importance, [IDDPM §3.3]),
+compute the diffusion losses, step AdamW, keep exponential moving averages of the weights,
+log, and save resumable checkpoints.
+
+Checkpoints keep the original's names in the log folder: ``model{step:06d}.pt``,
+``ema_{rate}_{step:06d}.pt`` and ``opt{step:06d}.pt``, where ``step`` is the number of steps
+done (the original named mid-training saves one lower; old names still parse). A fourth file,
+``state{step:06d}.pt``, holds everything else a bit-exact resume needs (random generators of
+every rank, data position, loss-aware sampler history, loss scale) as plain tensors and numbers
+(loadable with ``weights_only=True``). It is written last, so its presence marks a complete
+checkpoint; ``resume_checkpoint="auto"`` picks the newest complete one.
+"""
+
+import contextlib
+import os
+import random
+import signal
+import threading
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import dist_util, logger
+from .errors import UserError
+from .fileio import atomic_torch_save, safe_torch_load
+from .precision import MixedPrecision, grad_norm
+from .resample import LossAwareSampler, UniformSampler
+
+AUTO_RESUME = "auto"
+STATE_VERSION = 1
+# Float16 halves the loss scale on every skipped step; this many skips in a row means the loss
+# itself is broken (2^20 -> 2^-20), not the scale.
+FP16_MAX_SKIPS_IN_A_ROW = 40
+
+
+def parse_ema_rates(ema_rate: Union[str, float, Sequence[float]]) -> List[float]:
+    """``"0.9999,0.999"`` (or a float, or a list) -> ``[0.9999, 0.999]``, each in [0, 1]."""
+    if isinstance(ema_rate, (int, float)):
+        rates = [float(ema_rate)]
+    elif isinstance(ema_rate, str):
+        try:
+            rates = [float(x) for x in ema_rate.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"--ema_rate {ema_rate!r}: expected comma-separated numbers like 0.9999,0.999") from None
+    else:
+        rates = [float(x) for x in ema_rate]
+    if not all(0.0 <= r <= 1.0 for r in rates):
+        raise UserError(f"--ema_rate {ema_rate!r}: every rate must lie in [0, 1]")
+    return rates
+
+
+def checkpoint_files(folder: str, step: int, ema_rates: Sequence[float]) -> Dict[str, Any]:
+    """Paths of one checkpoint: ``{"model": str, "ema": [str per rate], "opt": str, "state": str}``."""
+    return {
+        "model": os.path.join(folder, f"model{step:06d}.pt"),
+        "ema": [os.path.join(folder, f"ema_{rate}_{step:06d}.pt") for rate in ema_rates],
+        "opt": os.path.join(folder, f"opt{step:06d}.pt"),
+        "state": os.path.join(folder, f"state{step:06d}.pt"),
+    }
+
+
+class TrainLoop:
+    """
+    Train ``model`` on batches from ``data`` with the losses of ``diffusion``.
+
+    Arguments of the original keep their meaning; the new keyword options are:
+
+    :param use_bf16: bfloat16 autocast for the network's forward (no loss scaling).
+    :param max_steps: stop after this many steps in total (0 = no limit).
+    :param log_dir: checkpoint folder (default ``logger.get_dir()``).
+    :param max_nonfinite_steps: stop with an error after this many non-finite losses in a row.
+    :param channels_last: feed the network channels-last tensors (faster convolutions on GPUs).
+    :param handle_signals: save a checkpoint on SIGTERM / SIGINT, then return from run_loop.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        diffusion: Any,
+        data: Iterator[Tuple[torch.Tensor, Dict[str, torch.Tensor]]],
+        batch_size: int,
+        microbatch: int,
+        lr: float,
+        ema_rate: Union[str, float, Sequence[float]],
+        log_interval: int,
+        save_interval: int,
+        resume_checkpoint: str,
+        use_fp16: bool = False,
+        fp16_scale_growth: float = 1e-3,
+        schedule_sampler: Optional[Any] = None,
+        weight_decay: float = 0.0,
+        lr_anneal_steps: int = 0,
+        use_bf16: bool = False,
+        max_steps: int = 0,
+        log_dir: Optional[str] = None,
+        max_nonfinite_steps: int = 5,
+        channels_last: bool = False,
+        handle_signals: bool = True,
+    ):
+        _check_settings(batch_size, microbatch, lr, log_interval, save_interval, lr_anneal_steps, max_steps)
+        self.model, self.diffusion, self.data = model, diffusion, data
+        self.batch_size = batch_size
+        self.microbatch = microbatch if microbatch > 0 else batch_size
+        self.lr, self.weight_decay, self.lr_anneal_steps = lr, weight_decay, lr_anneal_steps
+        self.ema_rate = parse_ema_rates(ema_rate)
+        self.log_interval, self.save_interval = log_interval, save_interval
+        self.resume_checkpoint = resume_checkpoint
+        self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
+        self.max_steps, self.max_nonfinite_steps = max_steps, max_nonfinite_steps
+        self.channels_last, self.handle_signals = channels_last, handle_signals
+        self.log_dir = log_dir or logger.get_dir()
+        if not self.log_dir:
+            raise UserError("no folder for checkpoints: pass log_dir or call logger.configure() first")
+        self.device = dist_util.dev()
+        self.world_size = dist_util.get_world_size()
+        self.global_batch = batch_size * self.world_size
+        self.step = 0  # optimizer steps done in total, including those before a resume
+        self.stop_signal: Optional[int] = None
+        self.nonfinite_in_a_row = 0
+        self._last_saved_step: Optional[int] = None
+        self.last_logged: Dict[str, Any] = {}  # what log_step wrote last
+
+        # Weights stay float32; only the forward runs under autocast.
+        self.model.to(self.device)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.params = list(self.model.parameters())
+        self.param_names = [name for name, _ in self.model.named_parameters()]
+        self.precision = MixedPrecision(self.device, use_fp16, use_bf16, fp16_scale_growth, log=logger.log)
+        self.opt = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=self.weight_decay)
+        self.ema_params = [[p.detach().clone().float() for p in self.params] for _ in self.ema_rate]
+        self._load_resume_checkpoint()
+        dist_util.sync_params(self.params)
+        self.ddp_model = self._wrap_ddp()
+        self._reset_log_accumulators()
+
+    # -----------------------------------------------------------------------------------------
+    # setup
+
+    def _wrap_ddp(self) -> torch.nn.Module:
+        if not (dist.is_available() and dist.is_initialized() and self.world_size > 1):
+            return self.model
+        return torch.nn.parallel.DistributedDataParallel(
+            self.model,
+            device_ids=[self.device] if self.device.type == "cuda" else None,
+            broadcast_buffers=False,
+            bucket_cap_mb=128,
+            find_unused_parameters=False,
+        )
+
+    def _resolve_resume(self) -> Tuple[Optional[str], int]:
+        """The model file to resume from (or None) and the number of steps it holds."""
+        resume = find_resume_checkpoint() or self.resume_checkpoint
+        if not resume:
+            return None, 0
+        if resume == AUTO_RESUME:
+            step = _decided_by_rank0(lambda: newest_complete_checkpoint(self.log_dir, self.ema_rate))
+            if step is None:
+                logger.log(f"resume: no complete checkpoint in {self.log_dir}; starting from scratch")
+                return None, 0
+            return checkpoint_files(self.log_dir, step, self.ema_rate)["model"], step
+        if not _decided_by_rank0(lambda: os.path.isfile(resume)):
+            raise UserError(f"--resume_checkpoint {resume}: no such file")
+        return resume, parse_resume_step_from_filename(os.path.basename(resume))
+
+    def _load_resume_checkpoint(self) -> None:
+        path, step = self._resolve_resume()
+        if path is None:
+            return
+        from .checkpoints import load_model_state  # explains mismatched flags
+
+        logger.log(f"resuming from {path} (step {step})")
+        files = checkpoint_files(os.path.dirname(path), step, self.ema_rate)
+        load_model_state(self.model, dist_util.load_state_dict(path, map_location="cpu"), path)
+        self.step = step
+        for ema, ema_path in zip(self.ema_params, files["ema"]):
+            if _decided_by_rank0(lambda p=ema_path: os.path.isfile(p)):
+                self._load_ema(ema, dist_util.load_state_dict(ema_path, map_location="cpu"), ema_path)
+            else:
+                logger.log(f"resume: no {ema_path}; that EMA restarts from the model weights")
+                for e, p in zip(ema, self.params):
+                    e.copy_(p.detach())
+        if _decided_by_rank0(lambda: os.path.isfile(files["opt"])):
+            opt_state = dist_util.load_state_dict(files["opt"], map_location="cpu")
+            try:
+                self.opt.load_state_dict(opt_state)
+            except (ValueError, KeyError) as exc:
+                raise UserError(f"optimizer state {files['opt']} does not fit this model: {exc}") from exc
+        if _decided_by_rank0(lambda: os.path.isfile(files["state"])):
+            self._load_train_state(dist_util.load_state_dict(files["state"], map_location="cpu"), files["state"])
+        else:
+            logger.log(f"resume: no {files['state']}; random generators and data order start afresh")
+
+    def _load_ema(self, ema: List[torch.Tensor], state_dict: Dict[str, torch.Tensor], path: str) -> None:
+        for name, target in zip(self.param_names, ema):
+            value = state_dict.get(name)
+            if value is None or value.shape != target.shape:
+                found = "missing" if value is None else f"shape {tuple(value.shape)}"
+                raise UserError(f"EMA checkpoint {path}: {name} is {found}, the model has {tuple(target.shape)}")
+            target.copy_(value.to(target.device, torch.float32))
+
+    def _load_train_state(self, state: Dict[str, Any], path: str) -> None:
+        self.precision.load_state_dict(state.get("precision", {}))
+        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        ranks = state.get("ranks", [])
+        if len(ranks) != self.world_size:
+            logger.log(
+                f"resume: {path} was written by {len(ranks)} process(es), now {self.world_size}; "
+                "random generators and data order start afresh"
+            )
+            return
+        mine = ranks[dist_util.get_rank()]
+        set_rng_state(mine["rng"])
+        _set_sampler_state(self.schedule_sampler, mine.get("sampler", {}))
+        if hasattr(self.data, "load_state_dict") and mine.get("data") is not None:
+            self.data.load_state_dict(mine["data"])
+        elif mine.get("data") is not None:
+            logger.log("resume: the data iterator has no load_state_dict; data order starts afresh")
+
+    # -----------------------------------------------------------------------------------------
+    # the loop
+
+    def run_loop(self) -> None:
+        """Train until ``lr_anneal_steps`` / ``max_steps`` (or forever), a signal, or an error."""
+        with self._signal_handlers():
+            # Training mode for dropout; the EMA copies are plain tensors and never run.
+            self.model.train()
+            while not self._done():
+                batch, cond = next(self.data)
+                self.run_step(batch, cond)
+                if self.step % self.log_interval == 0:
+                    self.log_step()
+                if self.save_interval > 0 and self.step % self.save_interval == 0:
+                    self.save()
+                if self._signalled():
+                    logger.log(f"stopping on signal {self.stop_signal} at step {self.step}")
+                    break
+            if self._last_saved_step != self.step:
+                self.save()
+
+    def _done(self) -> bool:
+        limits = [s for s in (self.lr_anneal_steps, self.max_steps) if s > 0]
+        return bool(limits) and self.step >= min(limits)
+
+    def run_step(self, batch: torch.Tensor, cond: Dict[str, torch.Tensor]) -> None:
+        """One optimizer step on one batch: accumulate, step, EMA, count."""
+        self.forward_backward(batch, cond)
+        took_step = self.optimize()
+        if took_step:
+            self.update_ema()
+        self.step += 1
+
+    def forward_backward(self, batch: torch.Tensor, cond: Dict[str, torch.Tensor]) -> None:
+        """
+        Accumulate the gradient of the batch's importance-weighted mean loss over microbatches.
+
+        Each microbatch's loss is weighted by its share of the batch, so the gradient equals the
+        full batch's whatever the microbatch (the original summed microbatch means instead).
+        DDP synchronises gradients only on the last microbatch.
+
+        :param batch: (N, C, H, W) images in [-1, 1].
+        :param cond: model keyword arguments, each with N rows (e.g. ``"y"``: (N,) labels).
+        """
+        self.precision.zero_grad(self.params)
+        self._step_stats: Dict[str, torch.Tensor] = {}
+        n = batch.shape[0]
+        for i in range(0, n, self.microbatch):
+            micro = batch[i : i + self.microbatch].to(self.device, non_blocking=True)
+            micro_cond = {k: v[i : i + self.microbatch].to(self.device, non_blocking=True) for k, v in cond.items()}
+            last = i + self.microbatch >= n
+            t, weights = self.schedule_sampler.sample(micro.shape[0], self.device)
+            sync = contextlib.nullcontext() if last or self.ddp_model is self.model else self.ddp_model.no_sync()
+            with sync:
+                losses = self.diffusion.training_losses(self._network, micro, t, model_kwargs=micro_cond)
+                if isinstance(self.schedule_sampler, LossAwareSampler):
+                    finite = torch.isfinite(losses["loss"].detach())
+                    self.schedule_sampler.update_with_local_losses(t[finite], losses["loss"].detach()[finite])
+                loss = (losses["loss"] * weights).mean() * (micro.shape[0] / n)
+                self._accumulate_losses(t, weights, losses)
+                self.precision.backward(loss)
+
+    def _network(self, x: torch.Tensor, timesteps: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """The (DDP-wrapped) model under autocast; its output goes back to float32 for the loss."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.precision.autocast():
+            out = self.ddp_model(x, timesteps, **kwargs)
+        return out.float()
+
+    def optimize(self) -> bool:
+        """
+        Unscale and measure the gradient, anneal the learning rate, and step AdamW unless the
+        gradient is not finite; a run of non-finite steps stops training with a UserError.
+
+        :return: True if the weights were updated.
+        """
+        self.precision.unscale_(self.opt)
+        norm = grad_norm(self.params)
+        self._anneal_lr()
+        took_step = self.precision.step(self.opt, norm)
+        if took_step:
+            self.nonfinite_in_a_row = 0
+            self._merge_step_stats(norm)
+            return True
+        self.nonfinite_in_a_row += 1
+        limit = self.max_nonfinite_steps if self.precision.scaler is None else FP16_MAX_SKIPS_IN_A_ROW
+        if self.nonfinite_in_a_row >= limit:
+            raise UserError(
+                f"training stopped: loss was NaN/Inf for {self.nonfinite_in_a_row} steps in a row at step "
+                f"{self.step + 1}; lower --lr or check the data (weights and checkpoints hold no NaN)"
+            )
+        logger.log(f"step {self.step + 1}: non-finite loss or gradient, step skipped")
+        return False
+
+    def _anneal_lr(self) -> None:
+        if not self.lr_anneal_steps:
+            return
+        frac_done = self.step / self.lr_anneal_steps
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr * (1 - frac_done)
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """``ema = rate * ema + (1 - rate) * param`` for every rate, after each optimizer step."""
+        params = [p.detach().float() for p in self.params]
+        for rate, ema in zip(self.ema_rate, self.ema_params):
+            torch._foreach_mul_(ema, rate)
+            torch._foreach_add_(ema, params, alpha=1 - rate)
+
+    # -----------------------------------------------------------------------------------------
+    # logging: statistics stay on the device until log_step reads them in one transfer
+
+    def _reset_log_accumulators(self) -> None:
+        self._loss_sums: Dict[str, torch.Tensor] = {}
+        self._loss_counts = torch.zeros(4, device=self.device)
+        self._grad_norm_sum = torch.zeros((), device=self.device)
+        self._steps_taken = 0
+        self._step_stats = {}
+
+    def _accumulate_losses(self, t: torch.Tensor, weights: torch.Tensor, losses: Dict[str, torch.Tensor]) -> None:
+        quartile = torch.div(4 * t, self.diffusion.num_timesteps, rounding_mode="floor").clamp(0, 3)
+        stats = self._step_stats
+        stats["_count"] = stats.get("_count", 0) + torch.bincount(quartile, minlength=4).float()
+        for key, values in losses.items():
+            weighted = (values.detach() * weights).float()
+            sums = torch.zeros(4, device=weighted.device).index_add_(0, quartile, weighted)
+            stats[key] = stats.get(key, 0) + sums
+
+    def _merge_step_stats(self, norm: torch.Tensor) -> None:
+        for key, sums in self._step_stats.items():
+            if key == "_count":
+                self._loss_counts += sums
+            else:
+                self._loss_sums[key] = self._loss_sums.get(key, 0) + sums
+        self._grad_norm_sum += norm.to(self.device)
+        self._steps_taken += 1
+
+    def log_step(self) -> None:
+        """Log the interval's means (loss, mse, vb, their t-quartiles, grad_norm) and counters."""
+        keys = list(self._loss_sums)
+        packed = torch.stack([self._loss_counts, *(self._loss_sums[k] for k in keys)]).cpu().tolist()
+        counts = packed[0]
+        for key, sums in zip(keys, packed[1:]):
+            if sum(counts) > 0:
+                logger.logkv_mean(key, sum(sums) / sum(counts))
+            for q in range(4):
+                if counts[q] > 0:
+                    logger.logkv_mean(f"{key}_q{q}", sums[q] / counts[q])
+        if self._steps_taken:
+            logger.logkv_mean("grad_norm", self._grad_norm_sum.item() / self._steps_taken)
+        with torch.no_grad():
+            logger.logkv("param_norm", torch.nn.utils.get_total_norm([p.detach() for p in self.params]).item())
+        logger.logkv("step", self.step)
+        logger.logkv("samples", self.step * self.global_batch)
+        logger.logkv("lr", self.opt.param_groups[0]["lr"])
+        if self.precision.lg_loss_scale is not None:
+            logger.logkv("lg_loss_scale", self.precision.lg_loss_scale)
+        self.last_logged = logger.dumpkvs()
+        self._reset_log_accumulators()
+
+    # -----------------------------------------------------------------------------------------
+    # checkpoints
+
+    def save(self) -> None:
+        """
+        Write model, EMA, optimizer and train-state files for the current step (rank 0), the
+        state file last. A failed write (e.g. a full disk) removes this step's files, leaves
+        earlier checkpoints intact and stops training with a UserError on every rank.
+        """
+        state = self._train_state()  # collective: every rank contributes its generators
+        files = checkpoint_files(self.log_dir, self.step, self.ema_rate)
+        error = _decided_by_rank0(lambda: self._write_checkpoint(files, state))
+        if error:
+            raise UserError(f"{error}; training stopped at step {self.step}, earlier checkpoints are intact")
+        self._last_saved_step = self.step
+        logger.log(f"saved checkpoint for step {self.step} in {self.log_dir}")
+
+    def _write_checkpoint(self, files: Dict[str, Any], state: Dict[str, Any]) -> Optional[str]:
+        writes = [(files["model"], lambda: self.model.state_dict())]
+        writes += [(path, lambda i=i: self._ema_state_dict(i)) for i, path in enumerate(files["ema"])]
+        writes += [(files["opt"], lambda: self.opt.state_dict()), (files["state"], lambda: state)]
+        try:
+            for path, make in writes:
+                atomic_torch_save(make(), path)
+        except UserError as exc:
+            for path, _ in writes:
+                _remove_quietly(path)
+            return str(exc)
+        return None
+
+    def _ema_state_dict(self, index: int) -> Dict[str, torch.Tensor]:
+        """The model's state_dict with the EMA weights of ``self.ema_rate[index]`` in place."""
+        state_dict = self.model.state_dict()
+        for name, value in zip(self.param_names, self.ema_params[index]):
+            state_dict[name] = value
+        return state_dict
+
+    def _train_state(self) -> Dict[str, Any]:
+        mine = {
+            "rng": get_rng_state(),
+            "sampler": _get_sampler_state(self.schedule_sampler),
+            "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
+        }
+        return {
+            "version": STATE_VERSION,
+            "step": self.step,
+            "ema_rate": list(self.ema_rate),
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "precision": self.precision.state_dict(),
+            "ranks": _gather_objects(mine),
+        }
+
+    # -----------------------------------------------------------------------------------------
+    # signals: SIGTERM / SIGINT ask for a checkpoint at the next step boundary
+
+    @contextlib.contextmanager
+    def _signal_handlers(self) -> Iterator[None]:
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum: int, frame: Any) -> None:
+            self.stop_signal = signum
+
+        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _signalled(self) -> bool:
+        if self.world_size == 1 or not dist.is_initialized():
+            return self.stop_signal is not None
+        # Every rank must stop at the same step, even if only some received the signal.
+        flag = torch.tensor([self.stop_signal or 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.stop_signal = int(flag.item()) or None
+        return self.stop_signal is not None
+
+
+def _check_settings(batch_size, microbatch, lr, log_interval, save_interval, lr_anneal_steps, max_steps) -> None:
+    for name, value in (("batch_size", batch_size), ("log_interval", log_interval)):
+        if value <= 0:
+            raise UserError(f"--{name} {value}: must be a positive integer")
+    for name, value in (("save_interval", save_interval), ("lr_anneal_steps", lr_anneal_steps), ("max_steps", max_steps)):
+        if value < 0:
+            raise UserError(f"--{name} {value}: must be 0 or more")
+    if microbatch == 0 or microbatch < -1:
+        raise UserError(f"--microbatch {microbatch}: must be positive, or -1 for no microbatching")
+    if not lr > 0:
+        raise UserError(f"--lr {lr}: must be positive")
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _decided_by_rank0(decide: Callable[[], Any]) -> Any:
+    """Run ``decide`` on rank 0 only and hand its (picklable) answer to every rank."""
+    if dist_util.get_world_size() == 1 or not dist.is_initialized():
+        return decide()
+    box = [decide() if dist_util.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather_objects(obj: Any) -> List[Any]:
+    """Every rank's ``obj``, in rank order (a one-element list for one process)."""
+    if dist_util.get_world_size() == 1 or not dist.is_initialized():
+        return [obj]
+    out: List[Any] = [None] * dist_util.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# random generators and sampler history as weights_only-loadable containers
+
+
+def get_rng_state() -> Dict[str, Any]:
+    """torch (CPU and CUDA), NumPy and Python generator states as tensors and plain numbers."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore :func:`get_rng_state` (CUDA states only when this machine has the same GPUs)."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _get_sampler_state(sampler: Any) -> Dict[str, Any]:
+    if hasattr(sampler, "state_dict"):
+        return sampler.state_dict()
+    return {k: torch.from_numpy(np.array(v)) for k, v in vars(sampler).items() if isinstance(v, np.ndarray)}
+
+
+def _set_sampler_state(sampler: Any, state: Dict[str, Any]) -> None:
+    if hasattr(sampler, "load_state_dict"):
+        sampler.load_state_dict(state)
+        return
+    for key, value in state.items():
+        old = getattr(sampler, key, None)
+        dtype = old.dtype if isinstance(old, np.ndarray) else None
+        setattr(sampler, key, value.numpy().astype(dtype) if dtype is not None else value.numpy())
+
+
+# ---------------------------------------------------------------------------------------------
+# finding checkpoints
+
+
+def newest_complete_checkpoint(folder: str, ema_rates: Sequence[float]) -> Optional[int]:
+    """
+    Step of the newest checkpoint in ``folder`` whose model, EMA, optimizer and train-state
+    files all exist and load; incomplete ones are skipped with a logged note.
+    """
+    if not os.path.isdir(folder):
+        return None
+    steps = set()
+    for name in os.listdir(folder):
+        if name.startswith("model") and name.endswith(".pt") and name[5:-3].isdigit():
+            steps.add(int(name[5:-3]))
+    for step in sorted(steps, reverse=True):
+        files = checkpoint_files(folder, step, ema_rates)
+        paths = [files["model"], *files["ema"], files["opt"], files["state"]]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            logger.log(f"resume: skipping incomplete checkpoint {step}: missing {os.path.basename(missing[0])}")
+            continue
+        try:
+            for path in paths:
+                safe_torch_load(path)
+        except UserError as exc:
+            logger.log(f"resume: skipping checkpoint {step}: {exc}")
+            continue
+        return step
+    return None
+
+
+def parse_resume_step_from_filename(filename: str) -> int:
+    """
+    Parse filenames of the form path/to/modelNNNNNN.pt, where NNNNNN is the checkpoint's
+    number of steps (the original's rule: the digits after the last "model"; 0 if none).
+    """
+    split = filename.split("model")
+    if len(split) < 2:
+        return 0
+    split1 = split[-1].split(".")[0]
+    try:
+        return int(split1)
+    except ValueError:
+        return 0
+
+
+def get_blob_logdir() -> str:
+    """The folder checkpoints go to (the logger's folder; kept for the original's callers)."""
+    return logger.get_dir()
+
+
+def find_resume_checkpoint() -> Optional[str]:
+    """Hook for infrastructure that finds checkpoints by itself; None here, as in the original."""
+    return None
+
+
+def find_ema_checkpoint(main_checkpoint: str, step: int, rate: float) -> Optional[str]:
+    """The EMA file beside ``main_checkpoint`` for ``step`` and ``rate``, or None if absent."""
+    if main_checkpoint is None:
+        return None
+    path = os.path.join(os.path.dirname(main_checkpoint), f"ema_{rate}_{step:06d}.pt")
+    return path if os.path.exists(path) else None
+
+
+def log_loss_dict(diffusion: Any, ts: torch.Tensor, losses: Dict[str, torch.Tensor]) -> None:
+    """The original's per-call loss logging (mean and per-quartile of t); syncs with the device."""
+    for key, values in losses.items():
+        logger.logkv_mean(key, values.mean().item())
+        for sub_t, sub_loss in zip(ts.cpu().numpy(), values.detach().cpu().numpy()):
+            quartile = int(4 * sub_t / diffusion.num_timesteps)
+            logger.logkv_mean(f"{key}_q{quartile}", sub_loss)

@@ -1,0 +1,519 @@
+"""
+Tests of the training loop (in-process, on the CPU, with a tiny stand-in network so that each
+step costs milliseconds): losses, microbatching, checkpoints, exact resume, crashes while
+saving, full disks, non-finite losses, signals, bf16, and two ranks under mpiexec.
+"""
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from improved_diffusion import fileio, logger, train_util
+from improved_diffusion.errors import UserError
+from improved_diffusion.image_datasets import load_data
+from improved_diffusion.precision import MixedPrecision
+from improved_diffusion.resample import LossSecondMomentResampler, UniformSampler, create_named_schedule_sampler
+from improved_diffusion.script_util import create_gaussian_diffusion
+from improved_diffusion.train_util import TrainLoop, parse_resume_step_from_filename
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXACT = dict(rtol=0, atol=0)
+CLOSE = dict(rtol=1e-5, atol=1e-6)  # float32 reductions in another order
+
+
+class TinyModel(nn.Module):
+    """A two-conv stand-in for the UNet with the same call signature (and dropout)."""
+
+    def __init__(self, out_channels=3, num_classes=None, dropout=0.0):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, 8, 3, padding=1)
+        self.time = nn.Linear(1, 8)
+        self.label_emb = nn.Embedding(num_classes, 8) if num_classes else None
+        self.drop = nn.Dropout(dropout)
+        self.conv_out = nn.Conv2d(8, out_channels, 3, padding=1)
+
+    def forward(self, x, timesteps, y=None):
+        h = self.conv_in(x) + self.time(timesteps.float()[:, None] / 1000.0)[:, :, None, None]
+        if self.label_emb is not None:
+            h = h + self.label_emb(y)[:, :, None, None]
+        return self.conv_out(self.drop(F.silu(h)))
+
+
+def _diffusion(**kw):
+    args = dict(steps=20, noise_schedule="cosine", rescale_timesteps=True, rescale_learned_sigmas=True)
+    args.update(kw)
+    return create_gaussian_diffusion(**args)
+
+
+@pytest.fixture
+def images(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(root / f"c{i % 2}_{i}.png")
+    return str(root)
+
+
+@pytest.fixture
+def log_dir(tmp_path):
+    with logger.scoped_configure(dir=str(tmp_path / "log"), format_strs=["log", "csv"]):
+        yield str(tmp_path / "log")
+
+
+def _loop(log_dir, images=None, model=None, diffusion=None, data=None, **kw):
+    diffusion = diffusion or _diffusion()
+    model = model or TinyModel()
+    if data is None:
+        data = load_data(data_dir=images, batch_size=4, image_size=8, random_flip=True, rank=0, world_size=1)
+    args = dict(
+        model=model,
+        diffusion=diffusion,
+        data=data,
+        batch_size=4,
+        microbatch=-1,
+        lr=1e-3,
+        ema_rate="0.9,0.99",
+        log_interval=2,
+        save_interval=0,
+        resume_checkpoint="",
+        log_dir=log_dir,
+        max_steps=3,
+    )
+    args.update(kw)
+    return TrainLoop(**args)
+
+
+def _files(folder):
+    return sorted(f for f in os.listdir(folder) if f.endswith(".pt"))
+
+
+def _names(step, rates=("0.9", "0.99")):
+    return sorted([f"model{step:06d}.pt", f"opt{step:06d}.pt", f"state{step:06d}.pt"] + [f"ema_{r}_{step:06d}.pt" for r in rates])
+
+
+# ---------------------------------------------------------------------------------------------
+# losses, logging, checkpoint names
+
+
+@pytest.mark.parametrize(
+    "name, diffusion_kw, out_channels, sampler, microbatch",
+    [
+        ("simple", {}, 3, "uniform", -1),
+        ("hybrid", dict(learn_sigma=True), 6, "uniform", -1),
+        ("vlb", dict(learn_sigma=True, use_kl=True), 6, "loss-second-moment", -1),
+        ("microbatch", {}, 3, "uniform", 3),
+    ],
+)
+def test_steps_log_and_save(log_dir, images, name, diffusion_kw, out_channels, sampler, microbatch):
+    diffusion = _diffusion(**diffusion_kw)
+    loop = _loop(
+        log_dir,
+        images,
+        model=TinyModel(out_channels),
+        diffusion=diffusion,
+        microbatch=microbatch,
+        schedule_sampler=create_named_schedule_sampler(sampler, diffusion),
+        save_interval=2,
+    )
+    before = [p.detach().clone() for p in loop.params]
+    loop.run_loop()
+    assert loop.step == 3
+    assert _files(log_dir) == sorted(_names(2) + _names(3))
+    assert not any(torch.equal(a, b) for a, b in zip(before, loop.params))
+    logged = loop.last_logged
+    keys = {"loss", "grad_norm", "param_norm", "step", "samples", "lr"}
+    if not diffusion_kw.get("use_kl"):  # L_vlb logs only "loss"
+        keys |= {"mse", "vb"} if diffusion_kw.get("learn_sigma") else {"mse"}
+    assert keys <= set(logged) and "lg_loss_scale" not in logged
+    assert any(k.startswith("loss_q") for k in logged)
+    assert logged["step"] == 2 and logged["samples"] == 8
+    assert all(np.isfinite(v) for v in logged.values())
+    state = fileio.safe_torch_load(os.path.join(log_dir, "model000003.pt"))
+    assert list(state) == list(loop.model.state_dict())
+
+
+def test_quartile_logging_is_weighted_per_sample(log_dir, images):
+    loop = _loop(log_dir, images)
+    t = torch.tensor([0, 5, 19, 19])
+    w = torch.tensor([1.0, 2.0, 0.5, 1.5])
+    loop._accumulate_losses(t, w, {"loss": torch.tensor([1.0, 1.0, 4.0, 2.0])})
+    loop._merge_step_stats(torch.tensor(3.0))
+    loop.log_step()
+    got = loop.last_logged
+    assert got["loss"] == pytest.approx((1 + 2 + 2 + 3) / 4)
+    assert got["loss_q0"] == pytest.approx(1.0) and got["loss_q1"] == pytest.approx(2.0)
+    assert got["loss_q3"] == pytest.approx(2.5) and "loss_q2" not in got
+    assert got["grad_norm"] == pytest.approx(3.0)
+
+
+def _fixed_noise(diffusion, monkeypatch):
+    """Make the q_sample noise a function of the image, so batch splits see the same noise."""
+    original = diffusion.training_losses
+
+    def losses(model, x_start, t, model_kwargs=None, noise=None):
+        return original(model, x_start, t, model_kwargs=model_kwargs, noise=torch.sin(37.0 * x_start + 1.0))
+
+    monkeypatch.setattr(diffusion, "training_losses", losses)
+
+
+def test_microbatches_give_the_full_batch_gradient(log_dir, images, monkeypatch):
+    results = []
+    for microbatch in (-1, 1, 3):
+        torch.manual_seed(0)
+        np.random.seed(0)
+        diffusion = _diffusion(learn_sigma=True)
+        _fixed_noise(diffusion, monkeypatch)
+        loop = _loop(log_dir, images, model=TinyModel(6), diffusion=diffusion, microbatch=microbatch, max_steps=2)
+        loop.run_loop()
+        results.append([p.detach().clone() for p in loop.params])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(b, a, **CLOSE)
+
+
+def test_ema_and_lr_anneal(log_dir, images):
+    loop = _loop(log_dir, images, ema_rate="0.5", lr_anneal_steps=4, max_steps=0)
+    params = [p.detach().clone() for p in loop.params]
+    loop.run_step(*next(loop.data))
+    expected = [0.5 * a + 0.5 * p.detach() for a, p in zip(params, loop.params)]
+    for got, want in zip(loop.ema_params[0], expected):
+        torch.testing.assert_close(got, want, **EXACT)
+    loop.run_loop()  # stops by itself at lr_anneal_steps
+    assert loop.step == 4 and "model000004.pt" in _files(log_dir)
+    assert loop.opt.param_groups[0]["lr"] == pytest.approx(1e-3 * (1 - 3 / 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# resume
+
+
+def _state(loop):
+    return [p.detach().clone() for p in loop.params], [[e.clone() for e in ema] for ema in loop.ema_params]
+
+
+def _assert_same(a, b):
+    for x, y in zip(a[0], b[0]):
+        torch.testing.assert_close(x, y, **EXACT)
+    for ema_a, ema_b in zip(a[1], b[1]):
+        for x, y in zip(ema_a, ema_b):
+            torch.testing.assert_close(x, y, **EXACT)
+
+
+def _resumable_loop(log_dir, images, max_steps, resume=""):
+    """Dropout, random flips, shuffling and a warmed-up loss-aware sampler: all RNG users."""
+    torch.manual_seed(1)
+    np.random.seed(1)
+    diffusion = _diffusion(steps=4, learn_sigma=True)
+    sampler = LossSecondMomentResampler(diffusion, history_per_term=1)
+    return _loop(
+        log_dir,
+        images,
+        model=TinyModel(6, dropout=0.3),
+        diffusion=diffusion,
+        schedule_sampler=sampler,
+        max_steps=max_steps,
+        save_interval=2,
+        resume_checkpoint=resume,
+        microbatch=2,
+    )
+
+
+def test_resume_is_exact(tmp_path, images):
+    straight = _resumable_loop(str(tmp_path / "a"), images, max_steps=6)
+    straight.run_loop()
+    first = _resumable_loop(str(tmp_path / "b"), images, max_steps=3)
+    first.run_loop()
+    second = _resumable_loop(str(tmp_path / "b"), images, max_steps=6, resume="auto")
+    assert second.step == 3
+    second.run_loop()
+    _assert_same(_state(second), _state(straight))
+    for a, b in zip(second.opt.state.values(), straight.opt.state.values()):
+        torch.testing.assert_close(a["exp_avg_sq"], b["exp_avg_sq"], **EXACT)
+    np.testing.assert_array_equal(second.schedule_sampler._loss_history, straight.schedule_sampler._loss_history)
+    assert second.data.state_dict() == straight.data.state_dict()
+
+
+def test_resume_from_an_explicit_path(tmp_path, images):
+    first = _resumable_loop(str(tmp_path / "a"), images, max_steps=2)
+    first.run_loop()
+    path = os.path.join(str(tmp_path / "a"), "model000002.pt")
+    second = _resumable_loop(str(tmp_path / "b"), images, max_steps=4, resume=path)
+    assert second.step == 2
+    _assert_same(_state(second), _state(first))
+
+
+def test_old_names_and_missing_files(tmp_path, images):
+    assert parse_resume_step_from_filename("/x/model012345.pt") == 12345
+    assert parse_resume_step_from_filename("ema_0.9999_000100.pt") == 0
+    assert parse_resume_step_from_filename("/logs/modelfinal.pt") == 0
+    with pytest.raises(UserError, match=r"--resume_checkpoint .*nope\.pt: no such file"):
+        _resumable_loop(str(tmp_path), images, 1, resume=str(tmp_path / "nope.pt"))
+
+
+def test_auto_resume_without_checkpoint_starts_fresh(tmp_path, images):
+    assert _resumable_loop(str(tmp_path / "empty"), images, 1, resume="auto").step == 0
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs, no cleanup of already written files."""
+
+
+@pytest.mark.parametrize("die_at_write", [1, 3, 4])
+def test_crash_while_saving_leaves_complete_checkpoints(tmp_path, images, monkeypatch, die_at_write):
+    folder = str(tmp_path / "run")
+    loop = _resumable_loop(folder, images, max_steps=4)
+    writes = []
+
+    def save(obj, path):
+        writes.append(path)
+        if "000004" in path and len([w for w in writes if "000004" in w]) == die_at_write:
+            with open(os.path.join(folder, ".tmp-" + os.path.basename(path) + ".x"), "wb") as f:
+                f.write(b"partial")
+            raise _Killed()
+        fileio.atomic_torch_save(obj, path)
+
+    monkeypatch.setattr(train_util, "atomic_torch_save", save)
+    with pytest.raises(_Killed):
+        loop.run_loop()
+    assert "state000004.pt" not in _files(folder) and "state000002.pt" in _files(folder)
+    monkeypatch.undo()
+    resumed = _resumable_loop(folder, images, max_steps=4, resume="auto")
+    assert resumed.step == 2
+
+
+def test_corrupt_newest_checkpoint_is_skipped(tmp_path, images):
+    folder = str(tmp_path / "run")
+    _resumable_loop(folder, images, max_steps=4).run_loop()
+    with open(os.path.join(folder, "opt000004.pt"), "r+b") as f:
+        f.truncate(50)
+    assert _resumable_loop(folder, images, max_steps=4, resume="auto").step == 2
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, images, monkeypatch):
+    folder = str(tmp_path / "run")
+    loop = _resumable_loop(folder, images, max_steps=4)
+    real_save = torch.save
+
+    def save(obj, f, *a, **kw):
+        if loop.step == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(UserError, match=r"No space left on device; training stopped at step 4, earlier checkpoints"):
+        loop.run_loop()
+    monkeypatch.undo()
+    assert _files(folder) == _names(2)
+    assert not [f for f in os.listdir(folder) if f.startswith(".tmp-")]
+    assert _resumable_loop(folder, images, max_steps=4, resume="auto").step == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# non-finite losses, signals, precision
+
+
+class _NaNModel(TinyModel):
+    def __init__(self):
+        super().__init__()
+        self.poison = False
+
+    def forward(self, x, timesteps, y=None):
+        out = super().forward(x, timesteps, y)
+        return out * float("nan") if self.poison else out
+
+
+def test_nonfinite_losses_are_skipped_then_stop(log_dir, images):
+    model = _NaNModel()
+    loop = _loop(log_dir, images, model=model, max_steps=0, save_interval=1)
+    loop.run_step(*next(loop.data))
+    good = _state(loop)
+    model.poison = True
+    loop.run_step(*next(loop.data))  # skipped: nothing changes
+    _assert_same(_state(loop), good)
+    with pytest.raises(UserError, match=r"training stopped: loss was NaN/Inf for 5 steps in a row at step 6; lower --lr"):
+        loop.run_loop()
+    _assert_same(_state(loop), good)
+    for name in _files(log_dir):
+        for value in fileio.safe_torch_load(os.path.join(log_dir, name)).values():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                assert torch.isfinite(value).all(), name
+
+
+def test_sigterm_saves_then_stops(log_dir, images):
+    class Signalling:
+        def __init__(self, data):
+            self.data, self.count = data, 0
+
+        def __next__(self):
+            self.count += 1
+            if self.count == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return next(self.data)
+
+    data = Signalling(load_data(data_dir=images, batch_size=4, image_size=8, rank=0, world_size=1))
+    loop = _loop(log_dir, data=data, max_steps=0)
+    previous = signal.getsignal(signal.SIGTERM)
+    loop.run_loop()
+    assert loop.stop_signal == signal.SIGTERM and loop.step == 2
+    assert _files(log_dir) == _names(2)
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_bf16_step_is_close_to_fp32(log_dir, images):
+    losses = []
+    for use_bf16 in (False, True):
+        torch.manual_seed(0)
+        np.random.seed(0)
+        loop = _loop(log_dir, images, use_bf16=use_bf16, log_interval=1, max_steps=1)
+        loop.run_loop()
+        losses.append(loop.last_logged["loss"])
+        assert all(p.dtype == torch.float32 for p in loop.params)
+    assert losses[1] == pytest.approx(losses[0], rel=0.05)
+
+
+def test_precision_choices():
+    messages = []
+    cpu_fp16 = MixedPrecision(torch.device("cpu"), use_fp16=True, log=messages.append)
+    assert cpu_fp16.dtype == torch.bfloat16 and cpu_fp16.scaler is None
+    assert messages == ["warning: --use_fp16 on cpu: using bfloat16 autocast instead"]
+    with pytest.raises(UserError, match="--use_fp16 and --use_bf16 exclude each other"):
+        MixedPrecision(torch.device("cpu"), use_fp16=True, use_bf16=True)
+    plain = MixedPrecision(torch.device("cpu"))
+    assert plain.lg_loss_scale is None and plain.state_dict() == {}
+    p = nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=1.0)
+    p.grad = torch.tensor([1.0, float("inf")])
+    assert plain.step(opt, torch.tensor(float("inf"))) is False
+    torch.testing.assert_close(p.detach(), torch.ones(2), **EXACT)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp16_scaler_on_cuda():
+    mp = MixedPrecision(torch.device("cuda"), use_fp16=True, fp16_scale_growth=0.5)
+    assert mp.lg_loss_scale == 20.0
+    p = nn.Parameter(torch.ones(2, device="cuda"))
+    opt = torch.optim.SGD([p], lr=1.0)
+    mp.backward((p * float("inf")).sum())
+    mp.unscale_(opt)
+    assert mp.step(opt, torch.tensor(float("inf"))) is False
+    assert mp.lg_loss_scale == 19.0
+
+
+def test_settings_are_checked(log_dir, images):
+    for kw, match in [
+        (dict(microbatch=0), r"--microbatch 0"),
+        (dict(ema_rate="0.9,x"), r"--ema_rate '0.9,x'"),
+        (dict(ema_rate="1.5"), r"--ema_rate '1.5': every rate must lie in \[0, 1\]"),
+        (dict(lr=0.0), r"--lr 0.0: must be positive"),
+        (dict(max_steps=-1), r"--max_steps -1: must be 0 or more"),
+    ]:
+        with pytest.raises(UserError, match=match):
+            _loop(log_dir, images, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# two ranks
+
+
+MPI_WORKER = textwrap.dedent(
+    """
+    import sys, torch, numpy as np
+    sys.path.insert(0, {tests!r})
+    from test_train_util import _two_rank_setup
+    from improved_diffusion import dist_util, logger
+    dist_util.setup_dist()
+    rank = dist_util.get_rank()
+    with logger.scoped_configure(dir={log!r}, format_strs=["log"]):
+        loop = _two_rank_setup({log!r}, rank, steps={steps})
+        loop.run_loop()
+    flat = torch.cat([p.detach().reshape(-1) for p in loop.params])
+    everyone = [torch.zeros_like(flat) for _ in range(2)]
+    torch.distributed.all_gather(everyone, flat)
+    if rank == 0:
+        torch.save(torch.stack(everyone), {out!r})
+    """
+)
+
+
+class _FixedSampler(UniformSampler):
+    """Hands out prescribed timesteps, so one rank can reproduce two ranks' draws."""
+
+    def __init__(self, diffusion, ts):
+        super().__init__(diffusion)
+        self.ts, self.next = ts, 0
+
+    def sample(self, batch_size, device):
+        index = (self.next + torch.arange(batch_size)) % len(self.ts)
+        self.next = int(index[-1]) + 1
+        return self.ts[index].to(device), torch.ones(batch_size, device=device)
+
+
+def _two_rank_data(rank):
+    g = torch.Generator().manual_seed(100 + rank)
+    return torch.rand(2, 3, 8, 8, generator=g) * 2 - 1, torch.tensor([3, 17]) if rank == 0 else torch.tensor([9, 0])
+
+
+def _two_rank_setup(log_dir, rank, steps, batch=None, ts=None):
+    """Same weights on every rank; rank r trains on its own fixed images and timesteps."""
+    torch.manual_seed(0)
+    diffusion = _diffusion(learn_sigma=True)
+    original = diffusion.training_losses
+    diffusion.training_losses = lambda m, x, t, model_kwargs=None, noise=None: original(
+        m, x, t, model_kwargs=model_kwargs, noise=torch.sin(37.0 * x + 1.0)
+    )
+    if batch is None:
+        batch, ts = _two_rank_data(rank)
+    data = iter(lambda: (batch, {}), None)
+    return TrainLoop(
+        model=TinyModel(6),
+        diffusion=diffusion,
+        data=data,
+        batch_size=batch.shape[0],
+        microbatch=1,
+        lr=1e-3,
+        ema_rate="0.9",
+        log_interval=1,
+        save_interval=0,
+        resume_checkpoint="",
+        schedule_sampler=_FixedSampler(diffusion, ts),
+        max_steps=steps,
+        log_dir=log_dir,
+    )
+
+
+def _run_two_ranks(tmp_path, steps):
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.skip("mpiexec not found")
+    out = str(tmp_path / "params.pt")
+    script = tmp_path / "worker.py"
+    script.write_text(MPI_WORKER.format(tests=os.path.join(REPO, "tests"), log=str(tmp_path / "log"), steps=steps, out=out))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([mpiexec, "-n", "2", sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out)
+
+
+@pytest.mark.mpi
+def test_two_ranks_match_one_rank_with_both_batches(tmp_path):
+    params = _run_two_ranks(tmp_path, steps=3)
+    torch.testing.assert_close(params[1], params[0], **EXACT)
+    parts = [_two_rank_data(r) for r in range(2)]
+    batch, ts = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    with logger.scoped_configure(dir=str(tmp_path / "one"), format_strs=["log"]):
+        loop = _two_rank_setup(str(tmp_path / "one"), 0, steps=3, batch=batch, ts=ts)
+        loop.run_loop()
+    torch.testing.assert_close(params[0], torch.cat([p.detach().reshape(-1) for p in loop.params]), **CLOSE)
