@@ -967,3 +967,178 @@ def test_flag_contradicting_the_checkpoint_is_named(script_inputs, tmp_path, cap
     if not (script == "super_res_sample.py" and flag == "class_cond"):  # there the base samples object first
         assert "model000000.pt" in line, line
     assert not [f for f in os.listdir(tmp_path / "log") if f.endswith(".npz")] if (tmp_path / "log").exists() else True
+
+
+# ---------------------------------------------------------------------------------------------
+# 3b. Crashes: SIGKILL at random moments and inside saves, SIGTERM / Ctrl-C
+
+CHECKPOINT_PREFIXES = ["model", "ema_0.9_", "opt", "state"]  # state is written last
+TRAIN_TINY = [
+    "--image_size", 8, "--channel_mult", "1", "--num_channels", 32, "--num_res_blocks", 1,
+    "--attention_resolutions", "", "--diffusion_steps", 10, "--noise_schedule", "cosine",
+    "--batch_size", 2, "--lr", 1e-3, "--ema_rate", "0.9", "--log_interval", 1, "--save_interval", 1,
+    "--resume_checkpoint", "auto", "--max_steps", 100000,
+]
+KILL_SEED = 10
+
+
+def _kill_plan(seed=KILL_SEED):
+    """
+    Ten SIGKILLs: five at seeded random delays after start (start-up, resume, steps, saves),
+    three inside a file write of a save (temporary file written, not renamed) and two between
+    the files of one checkpoint; then SIGTERM and SIGINT mid-training; then a clean finish.
+    """
+    rng = np.random.default_rng(seed)
+    delays = [dict(kill="delay", seconds=round(float(s), 2)) for s in rng.uniform(0.3, 3.0, 5)]
+    in_write = [dict(kill="fsync", n=int(n)) for n in rng.integers(2, 12, 3)]
+    between = [dict(kill="replace", n=int(n)) for n in rng.integers(2, 12, 2)]
+    kills = [delays[0], in_write[0], delays[1], between[0], delays[2], in_write[1], delays[3], between[1],
+             in_write[2], delays[4]]
+    no_periodic_save = ["--save_interval", 100000]  # the signal alone must cause the save
+    signals = [dict(kill="signal", signal=int(s), after_rows=2, argv=no_periodic_save)
+               for s in (signal.SIGTERM, signal.SIGINT)]
+    return kills + signals + [dict(kill=None, extra_steps=2)]
+
+
+def _complete_steps(files):
+    steps = [int(n[5:-3]) for n in files if n.startswith("model") and n.endswith(".pt") and n[5:-3].isdigit()]
+    return sorted(s for s in steps if all(f"{p}{s:06d}.pt" in files for p in CHECKPOINT_PREFIXES))
+
+
+def _resumed_step(log_text):
+    """The step a run resumed from according to its log (0 = started fresh)."""
+    match = re.search(r"resuming from \S*model(\d+)\.pt \(step (\d+)\)", log_text)
+    if match:
+        assert int(match.group(1)) == int(match.group(2))
+        return int(match.group(2))
+    if "starting from scratch" in log_text:
+        return 0
+    return None  # killed before it decided
+
+
+def run_kill_sequence(script, tmp_path, data_dir, plan=None):
+    """Run the kill plan against ``script``; return (results, log folder)."""
+    log_dir = str(tmp_path / "run")
+    out = str(tmp_path / "kills.json")
+    plan = dict(
+        script=script,
+        argv=["--data_dir", data_dir, "--log_dir", log_dir, *TRAIN_TINY],
+        log_dir=log_dir,
+        out=out,
+        runs=plan or _kill_plan(),
+        state_prefixes=CHECKPOINT_PREFIXES,
+        timeout=90,
+    )
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(json.dumps(plan, default=str))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(FAULT_SCRIPTS, "kill_runner.py"), str(plan_path)],
+        capture_output=True, text=True, timeout=600, env=_subprocess_env(),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out) as f:
+        return json.load(f), log_dir
+
+
+def check_kill_sequence(results, log_dir):
+    """Every crash leaves a folder that auto-resume continues from its newest complete checkpoint."""
+    previous_files = {}
+    for i, res in enumerate(results):
+        with open(res["log"]) as f:
+            text = f.read()
+        kind = res["run"]["kill"]
+        where = f"run {i} ({res['run']})"
+        # it resumed from the newest complete checkpoint the previous crash left
+        expected = max(_complete_steps(previous_files), default=0)
+        resumed = _resumed_step(text)
+        if resumed is None:  # killed during start-up: the next run checks the same folder
+            assert kind == "delay" and res["status"] == -signal.SIGKILL, f"{where}\n{text[-2000:]}"
+        else:
+            assert resumed == expected, f"{where}: expected resume at {expected}\n{text[-2000:]}"
+        if kind in ("delay", "fsync", "replace"):
+            assert res["status"] in (-signal.SIGKILL, 0), f"{where}: status {res['status']}\n{text[-2000:]}"
+        if kind in ("fsync", "replace"):
+            assert res["status"] == -signal.SIGKILL, f"{where} was not killed inside a save\n{text[-2000:]}"
+        if kind == "signal":
+            assert res["status"] in (0, 130), f"{where}: status {res['status']}\n{text[-2000:]}"
+            assert "stopping on signal" in text or "interrupted" not in text, text[-2000:]
+            newest = max(_complete_steps(res["files"]), default=0)
+            assert newest > expected, f"{where}: no checkpoint saved on the signal"
+        if kind is None:
+            assert res["status"] == 0, f"{where}\n{text[-3000:]}"
+            assert max(_complete_steps(res["files"])) == expected + 2
+        # a real (non-temporary) file name always holds a complete, loadable file
+        for name, size in res["files"].items():
+            if name.endswith(".pt") and not name.startswith(fileio.TMP_PREFIX):
+                assert size > 0, f"{where}: {name} is empty"
+        previous_files = res["files"]
+    # No real file name holds a truncated file: model/EMA/optimizer files of one kind all have
+    # the same size, every (small) state file loads, and the newest checkpoint loads and is finite.
+    names = [n for n in _pt_files(log_dir) if not n.startswith(fileio.TMP_PREFIX)]
+    for prefix in CHECKPOINT_PREFIXES[:3]:
+        sizes = {os.path.getsize(os.path.join(log_dir, n)) for n in names if re.fullmatch(rf"{prefix}\d+\.pt", n)}
+        assert len(sizes) == 1 or (prefix == "opt" and len(sizes) == 2), (prefix, sizes)
+    for name in names:
+        if name.startswith("state"):
+            fileio.safe_torch_load(os.path.join(log_dir, name))
+    newest = max(_complete_steps(set(names)))
+    for prefix in CHECKPOINT_PREFIXES[:3]:
+        for value in fileio.safe_torch_load(os.path.join(log_dir, f"{prefix}{newest:06d}.pt")).values():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                assert torch.isfinite(value).all()
+
+
+@pytest.fixture(scope="module")
+def train_images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_images")
+    for i in range(4):
+        _write(root / f"img_{i}.png", _png_bytes(np.roll(RGB, 3 * i, axis=1)))
+    return str(root)
+
+
+@_needs_script("image_train.py")
+def test_sigkill_at_random_moments_and_inside_saves_always_resumes(tmp_path, train_images):
+    results, log_dir = run_kill_sequence(os.path.join(SCRIPTS, "image_train.py"), tmp_path, train_images)
+    check_kill_sequence(results, log_dir)
+    kinds = [r["run"]["kill"] for r in results]
+    assert sum(k in ("delay", "fsync", "replace") for k in kinds) >= 10
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Two ranks: one failing rank ends the whole job promptly, the error shown once
+
+MPI_PROMPT_S = 60  # "promptly": far below the 30-minute collective timeout
+
+
+def _mpiexec():
+    found = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+    if found is None:
+        pytest.skip("mpiexec not found")
+    return found
+
+
+def run_two_ranks_one_bad_image(script, tmp_path):
+    """Rank 1's shard holds an unreadable image (sorted files alternate between the ranks)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.png", "c.png", "d.png"):
+        _write(data / name, _png_bytes(RGB))
+    bad = _write(data / "b.png", b"\x89PNG\r\n\x1a\n truncated")
+    argv = ["--data_dir", str(data), "--log_dir", str(tmp_path / "run"), *TRAIN_TINY[:-2], "--max_steps", 50]
+    started = time.time()
+    proc = subprocess.run(
+        [_mpiexec(), "-n", "2", sys.executable, script, *map(str, argv)],
+        capture_output=True, text=True, timeout=MPI_PROMPT_S + 60,
+        env=_subprocess_env(IDDPM_DIST_TIMEOUT="120"),
+    )
+    return proc, time.time() - started, bad
+
+
+@pytest.mark.mpi
+@_needs_script("image_train.py")
+def test_one_failing_rank_ends_the_job(tmp_path):
+    proc, seconds, bad = run_two_ranks_one_bad_image(os.path.join(SCRIPTS, "image_train.py"), tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-3000:]
+    assert seconds < MPI_PROMPT_S, f"took {seconds:.0f} s"
+    assert output.count(f"could not read image {bad}") == 1, output[-3000:]
