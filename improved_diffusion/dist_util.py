@@ -350,6 +350,8 @@ def all_gather_tensors(tensor: torch.Tensor) -> List[torch.Tensor]:
     sizes = [torch.empty_like(size) for _ in range(get_world_size())]
     dist.all_gather(sizes, size)
     counts = [int(s.item()) for s in sizes]
+    if max(counts) == 0:
+        return [tensor for _ in counts]
     padded = torch.zeros((max(counts),) + tuple(tensor.shape[1:]), dtype=tensor.dtype, device=device)
     padded[: tensor.shape[0]] = tensor
     gathered = [torch.empty_like(padded) for _ in counts]

@@ -169,7 +169,10 @@ class TensorBoardOutputFormat:
         self.writer.close()
 
 
-def make_output_format(fmt: str, folder: str, log_suffix: str = ""):
+Writer = Union[HumanOutputFormat, CSVOutputFormat, JSONOutputFormat, TensorBoardOutputFormat]
+
+
+def make_output_format(fmt: str, folder: str, log_suffix: str = "") -> Writer:
     """
     Build one writer.
 
@@ -206,7 +209,7 @@ class Logger:
     def __init__(
         self,
         dir: Optional[str],
-        output_formats: Sequence[Any],
+        output_formats: Sequence[Writer],
         reduce: Optional[Reduce] = None,
         level: int = INFO,
     ):
@@ -326,7 +329,7 @@ def configure(
     if format_strs is None:
         format_strs = os.environ.get("OPENAI_LOG_FORMAT", DEFAULT_FORMATS).split(",")
     format_strs = [f.strip() for f in format_strs if f.strip()]
-    writers: List[Any] = []
+    writers: List[Writer] = []
     if _launch_rank() == 0:
         os.makedirs(folder, exist_ok=True)
         try:

@@ -33,6 +33,11 @@ def check_collectives(rank: int, world: int) -> None:
         expected = torch.arange(2 * (r + 1), dtype=torch.float32).reshape(r + 1, 2) + 100 * r
         torch.testing.assert_close(g, expected, **TOL)
 
+    # Rank r sends r rows: rank 0 sends none.
+    gathered = dist_util.all_gather_tensors(torch.full((rank, 2), rank, dtype=torch.int64))
+    assert [tuple(g.shape) for g in gathered] == [(r, 2) for r in range(world)]
+    assert all(bool((g == r).all()) for r, g in enumerate(gathered))
+
     # torch.distributed itself works after setup_dist, as code written for the original expects.
     ranks = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
     dist.all_gather(ranks, torch.tensor([rank]))
