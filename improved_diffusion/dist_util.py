@@ -127,14 +127,12 @@ def setup_dist(
     """
     global _launch
     if dist.is_initialized():
-        if _launch is None:  # the user initialised the group himself
+        if _launch is None:  # initialised by the caller, not by us
             _launch = detect_launch()
         return
     info = detect_launch()
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     kwargs: Dict[str, Any] = dict(backend=backend, timeout=_timeout(timeout))
     if info.world_size == 1:
         # In-process store: no port to pick, nothing left on disk.
@@ -144,6 +142,8 @@ def setup_dist(
     else:
         info, store = _mpi_rendezvous(info, kwargs["timeout"])
         kwargs.update(store=store, rank=info.rank, world_size=info.world_size)
+    if torch.cuda.is_available():  # one GPU per local rank, among those the user made visible
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     dist.init_process_group(**kwargs)
     _launch = info
     if info.world_size > 1:
