@@ -4,7 +4,7 @@ the plain loop (one model call per timestep), measured side by side in one run o
 model. Prints one JSON line: both times, their ratio (plain / batched; > 1 means batching is
 faster), the device, the thread count, and the largest difference in total bits/dim.
 
-    .venv/bin/python benchmarks/nll_timestep_batch.py --threads 2 --timestep_batch 8
+    .venv/bin/python benchmarks/nll_timestep_batch.py --threads 1 --timestep_batch 8
 """
 
 import argparse
@@ -29,12 +29,12 @@ def _time_bpd(model, diffusion, x_start: torch.Tensor, timestep_batch: int) -> T
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--timestep_batch", type=int, default=8)
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--image_size", type=int, default=16)
     parser.add_argument("--num_channels", type=int, default=32)
-    parser.add_argument("--diffusion_steps", type=int, default=64)
+    parser.add_argument("--diffusion_steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()

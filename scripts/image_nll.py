@@ -186,6 +186,7 @@ def save_results(sums: Dict[str, Any], args: argparse.Namespace) -> None:
         model_path=args.model_path,
         data_dir=args.data_dir,
         clip_denoised=args.clip_denoised,
+        timestep_batch=args.timestep_batch,
         seed=args.seed,
     )
     path = os.path.join(logger.get_dir(), "nll_summary.json")
