@@ -29,8 +29,16 @@ def run_main(main: Callable[[], object]) -> NoReturn:
         main()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        _end_job_if_distributed(EXIT_USER_ERROR)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
     sys.exit(0)
+
+
+def _end_job_if_distributed(exit_code: int) -> None:
+    """In a job of several processes, end every rank now rather than leave peers waiting."""
+    dist_util = sys.modules.get("improved_diffusion.dist_util")  # only if already in use
+    if dist_util is not None and dist_util.get_world_size() > 1:
+        dist_util.abort_job(exit_code)
