@@ -644,6 +644,13 @@ def _bomb_png(width, height):
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
+def _bomb_gif(width, height):
+    """A GIF whose screen and one frame declare ``width x height`` pixels, with a tiny body."""
+    screen = struct.pack("<HHBBB", width, height, 0, 0, 0)
+    frame = b"," + struct.pack("<HHHHB", 0, 0, width, height, 0) + b"\x02\x02\x44\x01\x00"
+    return b"GIF89a" + screen + frame + b";"
+
+
 def _image_folder(tmp_path, files):
     root = tmp_path / "data"
     root.mkdir(exist_ok=True)
@@ -667,6 +674,7 @@ BAD_FILES = {  # name, content, expected message ({path} = the file's path)
     "truncated png": ("a.png", _png_bytes(RGB)[:60], r"could not read image {path}: "),
     "truncated gif": ("a.gif", b"GIF89a\x0c\x00", r"could not read image {path}: "),
     "bomb png": ("a.png", _bomb_png(100_000, 100_000), r"refusing image {path}: more pixels than .*MAX_IMAGE_PIXELS"),
+    "bomb gif": ("a.gif", _bomb_gif(65535, 65535), r"refusing image {path}: more pixels than .*MAX_IMAGE_PIXELS"),
 }
 
 
@@ -790,6 +798,29 @@ def test_bad_image_in_worker_process_is_named(tmp_path):
         next(loader)
 
 
+@_needs_script("image_nll.py")
+def test_nll_on_a_folder_with_a_bad_image_is_one_line(script_inputs, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    _write(data / "a.png", _png_bytes(RGB[:8, :8]))
+    bad = _write(data / "b.jpg", b"<html>not an image</html>")
+    argv = ["--model_path", script_inputs["ckpt"], "--data_dir", data, "--num_samples", 2, "--batch_size", 2,
+            "--log_dir", tmp_path / "log"]
+    code, err = _run_script("image_nll.py", argv, capsys)
+    assert code == 2 and f"could not read image {bad}" in _one_line(err)
+
+
+@_needs_script("super_res_sample.py")
+def test_super_res_sampling_refuses_pickled_base_samples(script_inputs, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    evil = _npz(tmp_path / "evil.npz", arr_0=np.array([_Payload(str(marker))], dtype=object))
+    argv = ["--model_path", script_inputs["sr_ckpt"], "--base_samples", evil, "--num_samples", 1,
+            "--log_dir", tmp_path / "log"]
+    code, err = _run_script("super_res_sample.py", argv, capsys)
+    assert code == 2 and f"--base_samples {evil}: not a readable .npz archive" in _one_line(err)
+    assert not marker.exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. Flags: a wrong type or an unknown choice fails before any work starts
 
@@ -895,11 +926,22 @@ LATE_CHECK = (
     "checked in create_model_and_diffusion"
 )
 ARGPARSE_USAGE = "F2: argparse prints its 20-line usage before the error line"
+LATE_CHECK_TRAIN = (
+    "F1: the training script creates --log_dir (and writes args.json) before checking these flags"
+)
+MODEL_CHOICES = ("noise_schedule", "timestep_respacing", "attention_resolutions", "channel_mult")
 KNOWN = {
     (script, flag): LATE_CHECK
     for script in ("image_sample.py", "super_res_sample.py", "image_nll.py")
-    for flag in ("noise_schedule", "timestep_respacing", "attention_resolutions", "channel_mult")
+    for flag in MODEL_CHOICES
 }
+KNOWN.update(
+    {
+        (script, flag): LATE_CHECK_TRAIN
+        for script in ("image_train.py", "super_res_train.py")
+        for flag in MODEL_CHOICES + ("schedule_sampler", "ema_rate")
+    }
+)
 
 
 def _case(script, *values, id, known=None):
@@ -1060,8 +1102,8 @@ def check_kill_sequence(results, log_dir):
         if kind in ("fsync", "replace"):
             assert res["status"] == -signal.SIGKILL, f"{where} was not killed inside a save\n{text[-2000:]}"
         if kind == "signal":
-            assert res["status"] in (0, 130), f"{where}: status {res['status']}\n{text[-2000:]}"
-            assert "stopping on signal" in text or "interrupted" not in text, text[-2000:]
+            assert res["status"] in (0, 128 + res["run"]["signal"]), f"{where}: status {res['status']}\n{text[-2000:]}"
+            assert f"stopping on signal {res['run']['signal']}" in text, text[-2000:]
             newest = max(_complete_steps(res["files"]), default=0)
             assert newest > expected, f"{where}: no checkpoint saved on the signal"
         if kind is None:
