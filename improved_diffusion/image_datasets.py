@@ -21,6 +21,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from .errors import UserError
@@ -281,6 +282,40 @@ class _IndexStream(torch.utils.data.Sampler):
                 batch.append((int(order[i]), bool(flips[i])))
                 position += 1
             yield batch
+
+
+class SuperResLoader:
+    """
+    Batches of large images whose ``model_kwargs`` also hold ``"low_res"``: the batch shrunk to
+    ``small_size`` by area averaging, as the original's super-resolution training does.
+    """
+
+    def __init__(self, data: "ImageLoader", small_size: int):
+        self.data, self.small_size = data, small_size
+
+    def __iter__(self) -> "SuperResLoader":
+        return self
+
+    def __next__(self) -> Batch:
+        large, model_kwargs = next(self.data)
+        model_kwargs = dict(model_kwargs, low_res=F.interpolate(large, self.small_size, mode="area"))
+        return large, model_kwargs
+
+    def state_dict(self) -> Dict[str, int]:
+        """The position of the underlying loader."""
+        return self.data.state_dict()
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        """Continue from a saved position."""
+        self.data.load_state_dict(state)
+
+
+def load_superres_data(*, large_size: int, small_size: int, **kwargs: Any) -> SuperResLoader:
+    """
+    :func:`load_data` at ``large_size`` plus ``model_kwargs["low_res"]``: (N, 3, small_size,
+    small_size) area-downsampled copies of the batch. Other arguments as :func:`load_data`.
+    """
+    return SuperResLoader(load_data(image_size=large_size, **kwargs), small_size)
 
 
 class ImageLoader:

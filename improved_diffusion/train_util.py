@@ -101,7 +101,7 @@ class TrainLoop:
         channels_last: bool = False,
         handle_signals: bool = True,
     ):
-        _check_settings(batch_size, microbatch, lr, log_interval, save_interval, lr_anneal_steps, max_steps)
+        check_train_settings(batch_size, microbatch, lr, log_interval, save_interval, lr_anneal_steps, max_steps)
         self.model, self.diffusion, self.data = model, diffusion, data
         self.batch_size = batch_size
         self.microbatch = microbatch if microbatch > 0 else batch_size
@@ -463,7 +463,10 @@ class TrainLoop:
         return self.stop_signal is not None
 
 
-def _check_settings(batch_size, microbatch, lr, log_interval, save_interval, lr_anneal_steps, max_steps) -> None:
+def check_train_settings(
+    batch_size: int, microbatch: int, lr: float, log_interval: int, save_interval: int, lr_anneal_steps: int, max_steps: int
+) -> None:
+    """Raise a UserError naming the flag for a batch, interval, step or rate setting out of range."""
     for name, value in (("batch_size", batch_size), ("log_interval", log_interval)):
         if value <= 0:
             raise UserError(f"--{name} {value}: must be a positive integer")

@@ -1,0 +1,199 @@
+"""
+End-to-end tests of scripts/image_train.py and scripts/super_res_train.py with tiny UNets.
+
+Most runs call the script's ``main(argv)`` in this process (importing torch again per run
+would cost more than the training); one run goes through ``python scripts/image_train.py`` to
+check the command itself, args.json and the SIGTERM path.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from improved_diffusion import dist_util, fileio, logger
+from improved_diffusion.errors import run_main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXACT = dict(rtol=0, atol=0)
+
+TINY = [
+    "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2", "--attention_resolutions", "8",
+    "--num_heads", "1", "--diffusion_steps", "20", "--noise_schedule", "cosine", "--batch_size", "2",
+    "--log_interval", "1", "--save_interval", "2",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, above all on a shared, busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def image_train():
+    return _script("image_train")
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """
+    Undo what main() does to this process (the process group, the current logger), and keep
+    its logger off stdout, which pytest swaps per test.
+    """
+    monkeypatch.setenv("OPENAI_LOG_FORMAT", "log,csv")
+    had_group = dist.is_initialized()
+    with logger.scoped_configure(dir=str(tmp_path / "outer_log"), format_strs=[]):
+        yield
+    if not had_group and dist.is_initialized():
+        dist_util.cleanup()
+
+
+@pytest.fixture
+def images(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (20, 18, 3), dtype=np.uint8)).save(root / f"k{i % 2}_{i}.png")
+    return str(root)
+
+
+def _run(module, argv, capsys=None):
+    """Run a script's main like the command line does; returns (exit status, stderr)."""
+    with pytest.raises(SystemExit) as info:
+        run_main(lambda: module.main(argv))
+    return info.value.code, capsys.readouterr().err if capsys else ""
+
+
+def _train(module, images, log_dir, *extra, image_size="16"):
+    argv = ["--data_dir", images, "--image_size", image_size, "--log_dir", log_dir, *TINY, *extra]
+    return _run(module, argv)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--learn_sigma", "True", "--microbatch", "1", "--class_cond", "True", "--random_flip", "True"],
+        ["--learn_sigma", "True", "--use_kl", "True", "--schedule_sampler", "loss-second-moment", "--use_bf16", "True"],
+    ],
+    ids=["hybrid-microbatch-classes", "vlb-second-moment-bf16"],
+)
+def test_image_train_runs(isolated, image_train, images, tmp_path, extra):
+    log_dir = str(tmp_path / "log")
+    assert _train(image_train, images, log_dir, "--max_steps", "3", *extra)[0] == 0
+    names = sorted(os.listdir(log_dir))
+    for step in ("000002", "000003"):
+        assert {f"model{step}.pt", f"ema_0.9999_{step}.pt", f"opt{step}.pt", f"state{step}.pt"} <= set(names)
+    saved = json.load(open(os.path.join(log_dir, "args.json")))
+    assert saved["learn_sigma"] is True and saved["max_steps"] == 3 and saved["data_dir"] == images
+    state = fileio.safe_torch_load(os.path.join(log_dir, "model000003.pt"))
+    assert state["out.2.weight"].shape[0] == 6
+
+
+def test_script_resume_is_exact(isolated, image_train, images, tmp_path):
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    flags = ["--dropout", "0.1", "--random_flip", "True", "--learn_sigma", "True"]
+    assert _train(image_train, images, straight, "--max_steps", "4", *flags)[0] == 0
+    assert _train(image_train, images, split, "--max_steps", "3", *flags)[0] == 0
+    assert _train(image_train, images, split, "--max_steps", "4", "--resume_checkpoint", "auto", *flags)[0] == 0
+    for name in ("model000004.pt", "ema_0.9999_000004.pt"):
+        a = fileio.safe_torch_load(os.path.join(straight, name))
+        b = fileio.safe_torch_load(os.path.join(split, name))
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], **EXACT)
+
+
+def test_super_res_train_runs(isolated, images, tmp_path):
+    module = _script("super_res_train")
+    log_dir = str(tmp_path / "log")
+    argv = ["--data_dir", images, "--large_size", "16", "--small_size", "8", "--log_dir", log_dir, *TINY]
+    assert _run(module, argv + ["--max_steps", "2"])[0] == 0
+    state = fileio.safe_torch_load(os.path.join(log_dir, "model000002.pt"))
+    assert state["input_blocks.0.0.weight"].shape[1] == 6  # x and the upsampled low_res
+
+
+def test_low_res_is_area_downsampled(images):
+    from improved_diffusion.image_datasets import load_superres_data
+
+    data = load_superres_data(data_dir=images, batch_size=2, large_size=16, small_size=8, rank=0, world_size=1)
+    large, kwargs = next(data)
+    expected = large.reshape(2, 3, 8, 2, 8, 2).mean(dim=(3, 5))
+    torch.testing.assert_close(kwargs["low_res"], expected, rtol=1e-6, atol=1e-6)
+    assert data.state_dict()["position"] == 2
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--schedule_sampler", "foo"], r"error: --schedule_sampler 'foo': expected one of 'uniform', 'loss-second-moment'"),
+        (["--data_dir", "/nonexistent/x"], r"error: --data_dir /nonexistent/x: no such folder"),
+        (["--data_dir", ""], r"error: --data_dir is empty"),
+        (["--use_fp16", "True", "--use_bf16", "True"], r"error: --use_fp16 and --use_bf16 exclude each other"),
+        (["--ema_rate", "0.9,abc"], r"error: --ema_rate '0.9,abc'"),
+        (["--microbatch", "0"], r"error: --microbatch 0"),
+        (["--resume_checkpoint", "latest"], r"error: --resume_checkpoint 'latest'"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(isolated, image_train, images, tmp_path, capsys, argv, message):
+    full = ["--data_dir", images, "--log_dir", str(tmp_path / "log"), *argv]
+    code, err = _run(image_train, full, capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert re.match(message, err), err
+    assert not [f for f in os.listdir(tmp_path / "log") if f.endswith(".pt")]
+
+
+def test_command_line_run_sigterm_and_resume(isolated, image_train, images, tmp_path):
+    """The real command: trains until SIGTERM, saves a complete checkpoint, exits 128+15."""
+    log_dir = str(tmp_path / "log")
+    argv = ["--data_dir", images, "--image_size", "16", "--log_dir", log_dir, *TINY, "--save_interval", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENAI_LOG_FORMAT="stdout,log")
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "scripts", "image_train.py"), *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(os.path.join(log_dir, "state000001.pt")):
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.time() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopping on signal 15" in out
+    states = sorted(f for f in os.listdir(log_dir) if f.startswith("state"))
+    last = int(states[-1][5:11])
+    for name in (f"model{last:06d}.pt", f"ema_0.9999_{last:06d}.pt", f"opt{last:06d}.pt"):
+        fileio.safe_torch_load(os.path.join(log_dir, name))
+    assert json.load(open(os.path.join(log_dir, "args.json")))["save_interval"] == 1
+    # ... and an automatic resume continues from it.
+    code, _ = _run(image_train, argv + ["--resume_checkpoint", "auto", "--max_steps", str(last + 1)])
+    assert code == 0 and os.path.exists(os.path.join(log_dir, f"state{last + 1:06d}.pt"))
