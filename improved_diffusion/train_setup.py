@@ -11,7 +11,7 @@ from typing import Any, Dict
 import numpy as np
 import torch
 
-from . import dist_util, logger
+from . import logger
 from .errors import UserError
 from .resample import SCHEDULE_SAMPLERS
 from .script_util import check_choice
@@ -79,9 +79,9 @@ def train_loop_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     return kwargs
 
 
-def seed_everything(seed: int) -> None:
-    """Seed torch, NumPy and Python's generators; each rank gets ``seed + rank``."""
-    seed = seed + dist_util.get_rank()
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed torch, NumPy and Python's generators with ``seed + rank``."""
+    seed = seed + rank
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -36,20 +36,20 @@ from improved_diffusion.train_util import TrainLoop
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = create_argparser().parse_args(argv)
 
+    # Every flag and the data folder are checked before a folder is created or a process group
+    # is joined; the model is built here too, which checks the model/diffusion flags.
+    validate_training_args(args)
+    list_image_files(args.data_dir)
+    seed_everything(args.seed)  # the same initial weights on every rank
+    model, diffusion = sr_create_model_and_diffusion(**args_to_dict(args, sr_model_and_diffusion_defaults().keys()))
+    schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
+
     dist_util.setup_dist()
     with dist_util.abort_on_error():
         logger.configure(dir=args.log_dir or None)
-        validate_training_args(args)
-        list_image_files(args.data_dir)  # a missing or empty folder fails before any work
-        if dist_util.is_main_process():
-            save_args_json(args, logger.get_dir())
-        seed_everything(args.seed)
-
-        logger.log("creating model...")
-        model, diffusion = sr_create_model_and_diffusion(**args_to_dict(args, sr_model_and_diffusion_defaults().keys()))
+        seed_everything(args.seed, dist_util.get_rank())  # each rank draws its own noise and timesteps
         model.to(dist_util.dev())
         compile_model(model, args.compile)
-        schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
 
         logger.log("creating data loader...")
         data = load_superres_data(
@@ -63,8 +63,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             seed=args.seed,
         )
 
-        logger.log("training...")
+        # Resuming happens here, so a checkpoint contradicting the flags leaves args.json alone.
         loop = TrainLoop(model=model, diffusion=diffusion, data=data, schedule_sampler=schedule_sampler, **train_loop_kwargs(args))
+        if dist_util.is_main_process():
+            save_args_json(args, logger.get_dir())
+        logger.log("training...")
         loop.run_loop()
     if loop.stop_signal:
         sys.exit(128 + loop.stop_signal)
