@@ -51,12 +51,22 @@ del TINY_SR["image_size"]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: tiny convolutions only lose from threads on a shared machine."""
+def _one_thread_and_no_leftover_group():
+    """
+    One intra-op thread (tiny convolutions only lose from threads on a shared machine), and
+    the process group the in-process scripts create is destroyed after this module.
+    """
+    import torch.distributed as dist
+
+    from improved_diffusion import dist_util
+
     previous = torch.get_num_threads()
+    had_group = dist.is_initialized()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+    if not had_group and dist.is_initialized():
+        dist_util.cleanup()
 
 
 def _randomize(model: torch.nn.Module) -> None:
