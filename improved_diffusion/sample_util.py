@@ -115,30 +115,35 @@ def _flags_on_command_line(argv: Optional[Sequence[str]]) -> set:
     return {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
 
 
-def load_checkpoint_model(
+def build_model_and_diffusion(
     args: argparse.Namespace,
     keys: Iterable[str],
     create_fn: Callable[..., Tuple[torch.nn.Module, Any]],
 ) -> Tuple[torch.nn.Module, Any]:
     """
-    Build the model and diffusion from flags and load ``--model_path`` into the model.
-
-    The state dict is read on rank 0 and broadcast (``dist_util.load_state_dict``, weights
-    only); a mismatch with the flags raises a UserError naming the keys, shapes and the flags
-    that probably differ. The model is moved to ``dist_util.dev()`` and put in eval mode.
+    Build the model and diffusion from the MODEL/DIFFUSION flags ``keys`` (on the CPU, before
+    any log folder or process group exists, so bad flag values fail first).
 
     :return: ``(model, diffusion)``.
     """
+    return create_fn(**args_to_dict(args, keys))
+
+
+def load_checkpoint(model: torch.nn.Module, args: argparse.Namespace, keys: Iterable[str]) -> None:
+    """
+    Load ``--model_path`` into ``model``, move it to ``dist_util.dev()`` and put it in eval mode.
+
+    The state dict is read on rank 0 and broadcast (``dist_util.load_state_dict``, weights
+    only); a mismatch with the flags raises a UserError naming the checkpoint, the keys and
+    shapes, and the flags that probably differ.
+    """
     from .checkpoints import load_model_state
 
-    flags = args_to_dict(args, keys)
-    model, diffusion = create_fn(**flags)
     state_dict = dist_util.load_state_dict(args.model_path, map_location="cpu")
-    load_model_state(model, state_dict, args.model_path, flags=flags)
+    load_model_state(model, state_dict, args.model_path, flags=args_to_dict(args, keys))
     model.to(dist_util.dev())
     # Sampling and evaluation: eval() turns dropout off; forgetting it changes every sample.
     model.eval()
-    return model, diffusion
 
 
 def bf16_autocast(model: Callable[..., torch.Tensor], enabled: bool) -> Callable[..., torch.Tensor]:

@@ -18,11 +18,12 @@ import torch
 from improved_diffusion import dist_util, logger
 from improved_diffusion.errors import UserError, run_main
 from improved_diffusion.fileio import atomic_save_json, atomic_save_npz
-from improved_diffusion.image_datasets import load_data
+from improved_diffusion.image_datasets import list_image_files, load_data
 from improved_diffusion.sample_util import (
     bf16_autocast,
+    build_model_and_diffusion,
     derive_seed,
-    load_checkpoint_model,
+    load_checkpoint,
     log_saved_flags,
     require_model_path,
 )
@@ -34,49 +35,52 @@ from improved_diffusion.script_util import (
 )
 
 TERMS = ("vb", "mse", "xstart_mse")
+MODEL_KEYS = tuple(model_and_diffusion_defaults())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    args, taken = parse_args_with_saved(create_argparser(), model_and_diffusion_defaults().keys(), argv)
+    args, taken = parse_args_with_saved(create_argparser(), MODEL_KEYS, argv)
+
+    # Every flag and the data folder are checked, and the model and diffusion built (which checks
+    # the model/diffusion flags), before a log folder is created or a process group is joined.
+    validate_args(args)
+    num_images = len(list_image_files(args.data_dir))
+    model, diffusion = build_model_and_diffusion(args, MODEL_KEYS, create_model_and_diffusion)
 
     dist_util.setup_dist()
-    logger.configure(dir=args.log_dir or None)
-    log_saved_flags(taken, args.model_path, argv)
+    with dist_util.abort_on_error():
+        logger.configure(dir=args.log_dir or None)
+        log_saved_flags(taken, args.model_path, argv)
+        logger.log(f"loading {args.model_path}...")
+        load_checkpoint(model, args, MODEL_KEYS)
 
-    validate_args(args)
+        logger.log(f"creating data loader ({num_images} images)...")
+        data = load_data(
+            data_dir=args.data_dir,
+            batch_size=args.batch_size,
+            image_size=args.image_size,
+            class_cond=args.class_cond,
+            deterministic=True,
+        )
+        if args.num_samples > num_images:
+            logger.log(f"note: --num_samples {args.num_samples} > {num_images} images in --data_dir: some count twice")
 
-    logger.log("creating model and diffusion...")
-    model, diffusion = load_checkpoint_model(args, model_and_diffusion_defaults().keys(), create_model_and_diffusion)
-
-    logger.log("creating data loader...")
-    data = load_data(
-        data_dir=args.data_dir,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        class_cond=args.class_cond,
-        deterministic=True,
-    )
-
-    shard = len(data.dataset)
-    if args.num_samples > shard * dist_util.get_world_size():
-        logger.log(f"note: --num_samples {args.num_samples} is more than the images in --data_dir; some count twice")
-
-    logger.log("evaluating...")
-    # calc_bpd_loop draws its q_sample noise from the global RNG: one stream per rank.
-    torch.manual_seed(derive_seed(args.seed, dist_util.get_rank()))
-    sums = evaluate_bpd(
-        bf16_autocast(model, args.use_bf16),
-        diffusion,
-        data,
-        num_samples=args.num_samples,
-        batch_size=args.batch_size,
-        clip_denoised=args.clip_denoised,
-        timestep_batch=args.timestep_batch,
-    )
-    if dist_util.is_main_process():
-        save_results(sums, args)
-    dist_util.barrier()
-    logger.log("evaluation complete")
+        logger.log("evaluating...")
+        # calc_bpd_loop draws its q_sample noise from the global RNG: one stream per rank.
+        torch.manual_seed(derive_seed(args.seed, dist_util.get_rank()))
+        sums = evaluate_bpd(
+            bf16_autocast(model, args.use_bf16),
+            diffusion,
+            data,
+            num_samples=args.num_samples,
+            batch_size=args.batch_size,
+            clip_denoised=args.clip_denoised,
+            timestep_batch=args.timestep_batch,
+        )
+        if dist_util.is_main_process():
+            save_results(sums, args)
+        dist_util.barrier()
+        logger.log("evaluation complete")
 
 
 def validate_args(args: argparse.Namespace) -> None:

@@ -19,8 +19,9 @@ from improved_diffusion.errors import run_main
 from improved_diffusion.sample_util import (
     add_grid_alias,
     bf16_autocast,
+    build_model_and_diffusion,
     class_label_kwargs,
-    load_checkpoint_model,
+    load_checkpoint,
     log_saved_flags,
     parse_class_labels,
     sample_images,
@@ -35,37 +36,42 @@ from improved_diffusion.script_util import (
     parse_args_with_saved,
 )
 
+MODEL_KEYS = tuple(model_and_diffusion_defaults())
+
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    args, taken = parse_args_with_saved(create_argparser(), model_and_diffusion_defaults().keys(), argv)
+    args, taken = parse_args_with_saved(create_argparser(), MODEL_KEYS, argv)
 
-    dist_util.setup_dist()
-    logger.configure(dir=args.log_dir or None)
-    log_saved_flags(taken, args.model_path, argv)
-
+    # Every flag is checked, and the model and diffusion built (which checks the model/diffusion
+    # flags), before a log folder is created or a process group is joined.
     validate_sampling_args(args)
     class_labels = parse_class_labels(args.class_labels, args.class_cond)
+    model, diffusion = build_model_and_diffusion(args, MODEL_KEYS, create_model_and_diffusion)
 
-    logger.log("creating model and diffusion...")
-    model, diffusion = load_checkpoint_model(args, model_and_diffusion_defaults().keys(), create_model_and_diffusion)
+    dist_util.setup_dist()
+    with dist_util.abort_on_error():
+        logger.configure(dir=args.log_dir or None)
+        log_saved_flags(taken, args.model_path, argv)
+        logger.log(f"loading {args.model_path}...")
+        load_checkpoint(model, args, MODEL_KEYS)
 
-    logger.log("sampling...")
-    images, kwargs = sample_images(
-        bf16_autocast(model, args.use_bf16),
-        diffusion,
-        num_samples=args.num_samples,
-        batch_size=args.batch_size,
-        image_shape=(3, args.image_size, args.image_size),
-        seed=args.seed,
-        use_ddim=args.use_ddim,
-        eta=args.eta,
-        clip_denoised=args.clip_denoised,
-        kwargs_fn=class_label_kwargs(class_labels) if args.class_cond else None,
-    )
-    if dist_util.is_main_process():
-        save_samples(images, kwargs.get("y"), num_grid=args.num_grid, rows_by_label=class_labels is not None)
-    dist_util.barrier()
-    logger.log("sampling complete")
+        logger.log("sampling...")
+        images, kwargs = sample_images(
+            bf16_autocast(model, args.use_bf16),
+            diffusion,
+            num_samples=args.num_samples,
+            batch_size=args.batch_size,
+            image_shape=(3, args.image_size, args.image_size),
+            seed=args.seed,
+            use_ddim=args.use_ddim,
+            eta=args.eta,
+            clip_denoised=args.clip_denoised,
+            kwargs_fn=class_label_kwargs(class_labels) if args.class_cond else None,
+        )
+        if dist_util.is_main_process():
+            save_samples(images, kwargs.get("y"), num_grid=args.num_grid, rows_by_label=class_labels is not None)
+        dist_util.barrier()
+        logger.log("sampling complete")
 
 
 def create_argparser() -> argparse.ArgumentParser:

@@ -20,7 +20,8 @@ from improved_diffusion.sample_util import (
     SUPER_RES_SCRIPT,
     add_grid_alias,
     bf16_autocast,
-    load_checkpoint_model,
+    build_model_and_diffusion,
+    load_checkpoint,
     log_saved_flags,
     sample_images,
     sampling_defaults,
@@ -35,53 +36,56 @@ from improved_diffusion.script_util import (
     sr_model_and_diffusion_defaults,
 )
 
+MODEL_KEYS = tuple(sr_model_and_diffusion_defaults())
+
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    args, taken = parse_args_with_saved(create_argparser(), sr_model_and_diffusion_defaults().keys(), argv)
+    args, taken = parse_args_with_saved(create_argparser(), MODEL_KEYS, argv)
 
-    dist_util.setup_dist()
-    logger.configure(dir=args.log_dir or None)
-    log_saved_flags(taken, args.model_path, argv)
-
+    # Every flag and the base samples are checked, and the model and diffusion built (which
+    # checks the model/diffusion flags), before a log folder is created or a process group joined.
     validate_sampling_args(args)
     if not args.base_samples:
         raise UserError("--base_samples is required: an .npz of low-resolution samples from image_sample.py")
     base_images, base_labels = load_base_samples(args.base_samples, args.small_size, args.class_cond)
-    logger.log(f"loaded {len(base_images)} base samples from {args.base_samples}")
-    if args.num_samples > len(base_images):
-        logger.log(f"note: --num_samples {args.num_samples} > {len(base_images)} base samples: they are cycled")
+    model, diffusion = build_model_and_diffusion(args, MODEL_KEYS, sr_create_model_and_diffusion)
 
-    logger.log("creating model...")
-    model, diffusion = load_checkpoint_model(
-        args, sr_model_and_diffusion_defaults().keys(), sr_create_model_and_diffusion
-    )
+    dist_util.setup_dist()
+    with dist_util.abort_on_error():
+        logger.configure(dir=args.log_dir or None)
+        log_saved_flags(taken, args.model_path, argv)
+        logger.log(f"loaded {len(base_images)} base samples from {args.base_samples}")
+        if args.num_samples > len(base_images):
+            logger.log(f"note: --num_samples {args.num_samples} > {len(base_images)} base samples: they are cycled")
+        logger.log(f"loading {args.model_path}...")
+        load_checkpoint(model, args, MODEL_KEYS)
 
-    def kwargs_fn(indices: np.ndarray, generators: List[torch.Generator]) -> Dict[str, torch.Tensor]:
-        base = indices % len(base_images)
-        low_res = torch.from_numpy(base_images[base]).float() / 127.5 - 1.0  # (B, h, w, 3)
-        model_kwargs = {"low_res": low_res.permute(0, 3, 1, 2)}  # (B, 3, h, w)
-        if base_labels is not None:
-            model_kwargs["y"] = torch.from_numpy(base_labels[base])
-        return model_kwargs
+        def kwargs_fn(indices: np.ndarray, generators: List[torch.Generator]) -> Dict[str, torch.Tensor]:
+            base = indices % len(base_images)
+            low_res = torch.from_numpy(base_images[base]).float() / 127.5 - 1.0  # (B, h, w, 3)
+            model_kwargs = {"low_res": low_res.permute(0, 3, 1, 2)}  # (B, 3, h, w)
+            if base_labels is not None:
+                model_kwargs["y"] = torch.from_numpy(base_labels[base])
+            return model_kwargs
 
-    logger.log("creating samples...")
-    images, kwargs = sample_images(
-        bf16_autocast(model, args.use_bf16),
-        diffusion,
-        num_samples=args.num_samples,
-        batch_size=args.batch_size,
-        image_shape=(3, args.large_size, args.large_size),
-        seed=args.seed,
-        use_ddim=args.use_ddim,
-        eta=args.eta,
-        clip_denoised=args.clip_denoised,
-        kwargs_fn=kwargs_fn,
-        script=SUPER_RES_SCRIPT,
-    )
-    if dist_util.is_main_process():
-        save_samples(images, kwargs.get("y"), num_grid=args.num_grid)
-    dist_util.barrier()
-    logger.log("sampling complete")
+        logger.log("creating samples...")
+        images, kwargs = sample_images(
+            bf16_autocast(model, args.use_bf16),
+            diffusion,
+            num_samples=args.num_samples,
+            batch_size=args.batch_size,
+            image_shape=(3, args.large_size, args.large_size),
+            seed=args.seed,
+            use_ddim=args.use_ddim,
+            eta=args.eta,
+            clip_denoised=args.clip_denoised,
+            kwargs_fn=kwargs_fn,
+            script=SUPER_RES_SCRIPT,
+        )
+        if dist_util.is_main_process():
+            save_samples(images, kwargs.get("y"), num_grid=args.num_grid)
+        dist_util.barrier()
+        logger.log("sampling complete")
 
 
 def load_base_samples(path: str, small_size: int, class_cond: bool) -> Tuple[np.ndarray, Optional[np.ndarray]]:
