@@ -135,9 +135,7 @@ def class_labels(paths: Sequence[str]) -> List[int]:
     for path in paths:
         base = os.path.basename(path.rstrip("/"))
         if "_" not in base:
-            raise UserError(
-                f"--class_cond needs file names like <class>_<anything>.png, but {path} has no '_'"
-            )
+            raise UserError(f"--class_cond needs file names like <class>_<anything>.png, but {path} has no '_'")
         names.append(base.split("_")[0])
     index = {name: i for i, name in enumerate(sorted(set(names)))}
     return [index[name] for name in names]

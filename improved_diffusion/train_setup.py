@@ -50,7 +50,13 @@ def validate_training_args(args: argparse.Namespace) -> None:
     """Check the TRAIN flags; a bad value raises a UserError naming the flag. Cheap: no data read."""
     check_choice("schedule_sampler", args.schedule_sampler, SCHEDULE_SAMPLERS)
     check_train_settings(
-        args.batch_size, args.microbatch, args.lr, args.log_interval, args.save_interval, args.lr_anneal_steps, args.max_steps
+        args.batch_size,
+        args.microbatch,
+        args.lr,
+        args.log_interval,
+        args.save_interval,
+        args.lr_anneal_steps,
+        args.max_steps,
     )
     parse_ema_rates(args.ema_rate)
     if args.use_fp16 and args.use_bf16:

@@ -14,20 +14,26 @@ checkpoint; ``resume_checkpoint="auto"`` picks the newest complete one.
 
 import contextlib
 import os
-import random
 import signal
 import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from . import dist_util, logger
 from .errors import UserError
-from .fileio import atomic_torch_save, safe_torch_load
+from .fileio import atomic_torch_save
 from .precision import MixedPrecision, grad_norm
 from .resample import LossAwareSampler, UniformSampler
+from .train_state import (
+    checkpoint_files,
+    get_rng_state,
+    get_sampler_state,
+    newest_complete_checkpoint,
+    set_rng_state,
+    set_sampler_state,
+)
 
 AUTO_RESUME = "auto"
 STATE_VERSION = 1
@@ -50,16 +56,6 @@ def parse_ema_rates(ema_rate: Union[str, float, Sequence[float]]) -> List[float]
     if not all(0.0 <= r <= 1.0 for r in rates):
         raise UserError(f"--ema_rate {ema_rate!r}: every rate must lie in [0, 1]")
     return rates
-
-
-def checkpoint_files(folder: str, step: int, ema_rates: Sequence[float]) -> Dict[str, Any]:
-    """Paths of one checkpoint: ``{"model": str, "ema": [str per rate], "opt": str, "state": str}``."""
-    return {
-        "model": os.path.join(folder, f"model{step:06d}.pt"),
-        "ema": [os.path.join(folder, f"ema_{rate}_{step:06d}.pt") for rate in ema_rates],
-        "opt": os.path.join(folder, f"opt{step:06d}.pt"),
-        "state": os.path.join(folder, f"state{step:06d}.pt"),
-    }
 
 
 class TrainLoop:
@@ -215,7 +211,7 @@ class TrainLoop:
             return
         mine = ranks[dist_util.get_rank()]
         set_rng_state(mine["rng"])
-        _set_sampler_state(self.schedule_sampler, mine.get("sampler", {}))
+        set_sampler_state(self.schedule_sampler, mine.get("sampler", {}))
         if hasattr(self.data, "load_state_dict") and mine.get("data") is not None:
             self.data.load_state_dict(mine["data"])
         elif mine.get("data") is not None:
@@ -422,7 +418,7 @@ class TrainLoop:
     def _train_state(self) -> Dict[str, Any]:
         mine = {
             "rng": get_rng_state(),
-            "sampler": _get_sampler_state(self.schedule_sampler),
+            "sampler": get_sampler_state(self.schedule_sampler),
             "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
         }
         return {
@@ -464,13 +460,23 @@ class TrainLoop:
 
 
 def check_train_settings(
-    batch_size: int, microbatch: int, lr: float, log_interval: int, save_interval: int, lr_anneal_steps: int, max_steps: int
+    batch_size: int,
+    microbatch: int,
+    lr: float,
+    log_interval: int,
+    save_interval: int,
+    lr_anneal_steps: int,
+    max_steps: int,
 ) -> None:
     """Raise a UserError naming the flag for a batch, interval, step or rate setting out of range."""
     for name, value in (("batch_size", batch_size), ("log_interval", log_interval)):
         if value <= 0:
             raise UserError(f"--{name} {value}: must be a positive integer")
-    for name, value in (("save_interval", save_interval), ("lr_anneal_steps", lr_anneal_steps), ("max_steps", max_steps)):
+    for name, value in (
+        ("save_interval", save_interval),
+        ("lr_anneal_steps", lr_anneal_steps),
+        ("max_steps", max_steps),
+    ):
         if value < 0:
             raise UserError(f"--{name} {value}: must be 0 or more")
     if microbatch == 0 or microbatch < -1:
@@ -502,85 +508,6 @@ def _gather_objects(obj: Any) -> List[Any]:
     out: List[Any] = [None] * dist_util.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# random generators and sampler history as weights_only-loadable containers
-
-
-def get_rng_state() -> Dict[str, Any]:
-    """torch (CPU and CUDA), NumPy and Python generator states as tensors and plain numbers."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    """Restore :func:`get_rng_state` (CUDA states only when this machine has the same GPUs)."""
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    keys = n["keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _get_sampler_state(sampler: Any) -> Dict[str, Any]:
-    if hasattr(sampler, "state_dict"):
-        return sampler.state_dict()
-    return {k: torch.from_numpy(np.array(v)) for k, v in vars(sampler).items() if isinstance(v, np.ndarray)}
-
-
-def _set_sampler_state(sampler: Any, state: Dict[str, Any]) -> None:
-    if hasattr(sampler, "load_state_dict"):
-        sampler.load_state_dict(state)
-        return
-    for key, value in state.items():
-        old = getattr(sampler, key, None)
-        dtype = old.dtype if isinstance(old, np.ndarray) else None
-        setattr(sampler, key, value.numpy().astype(dtype) if dtype is not None else value.numpy())
-
-
-# ---------------------------------------------------------------------------------------------
-# finding checkpoints
-
-
-def newest_complete_checkpoint(folder: str, ema_rates: Sequence[float]) -> Optional[int]:
-    """
-    Step of the newest checkpoint in ``folder`` whose model, EMA, optimizer and train-state
-    files all exist and load; incomplete ones are skipped with a logged note.
-    """
-    if not os.path.isdir(folder):
-        return None
-    steps = set()
-    for name in os.listdir(folder):
-        if name.startswith("model") and name.endswith(".pt") and name[5:-3].isdigit():
-            steps.add(int(name[5:-3]))
-    for step in sorted(steps, reverse=True):
-        files = checkpoint_files(folder, step, ema_rates)
-        paths = [files["model"], *files["ema"], files["opt"], files["state"]]
-        missing = [p for p in paths if not os.path.isfile(p)]
-        if missing:
-            logger.log(f"resume: skipping incomplete checkpoint {step}: missing {os.path.basename(missing[0])}")
-            continue
-        try:
-            for path in paths:
-                safe_torch_load(path)
-        except UserError as exc:
-            logger.log(f"resume: skipping checkpoint {step}: {exc}")
-            continue
-        return step
-    return None
 
 
 def parse_resume_step_from_filename(filename: str) -> int:

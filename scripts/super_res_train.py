@@ -64,7 +64,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         )
 
         # Resuming happens here, so a checkpoint contradicting the flags leaves args.json alone.
-        loop = TrainLoop(model=model, diffusion=diffusion, data=data, schedule_sampler=schedule_sampler, **train_loop_kwargs(args))
+        loop = TrainLoop(
+            model=model, diffusion=diffusion, data=data, schedule_sampler=schedule_sampler, **train_loop_kwargs(args)
+        )
         if dist_util.is_main_process():
             save_args_json(args, logger.get_dir())
         logger.log("training...")

@@ -146,7 +146,10 @@ def test_low_res_is_area_downsampled(images):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--schedule_sampler", "foo"], r"error: --schedule_sampler 'foo': expected one of 'uniform', 'loss-second-moment'"),
+        (
+            ["--schedule_sampler", "foo"],
+            r"error: --schedule_sampler 'foo': expected one of 'uniform', 'loss-second-moment'",
+        ),
         (["--data_dir", "/nonexistent/x"], r"error: --data_dir /nonexistent/x: no such folder"),
         (["--data_dir", ""], r"error: --data_dir is empty"),
         (["--use_fp16", "True", "--use_bf16", "True"], r"error: --use_fp16 and --use_bf16 exclude each other"),

@@ -109,7 +109,9 @@ def _files(folder):
 
 
 def _names(step, rates=("0.9", "0.99")):
-    return sorted([f"model{step:06d}.pt", f"opt{step:06d}.pt", f"state{step:06d}.pt"] + [f"ema_{r}_{step:06d}.pt" for r in rates])
+    return sorted(
+        [f"model{step:06d}.pt", f"opt{step:06d}.pt", f"state{step:06d}.pt"] + [f"ema_{r}_{step:06d}.pt" for r in rates]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,7 +353,9 @@ def test_nonfinite_losses_are_skipped_then_stop(log_dir, images):
     model.poison = True
     loop.run_step(*next(loop.data))  # skipped: nothing changes
     _assert_same(_state(loop), good)
-    with pytest.raises(UserError, match=r"training stopped: loss was NaN/Inf for 5 steps in a row at step 6; lower --lr"):
+    with pytest.raises(
+        UserError, match=r"training stopped: loss was NaN/Inf for 5 steps in a row at step 6; lower --lr"
+    ):
         loop.run_loop()
     _assert_same(_state(loop), good)
     for name in _files(log_dir):
@@ -509,9 +513,13 @@ def _run_two_ranks(tmp_path, steps):
         pytest.skip("mpiexec not found")
     out = str(tmp_path / "params.pt")
     script = tmp_path / "worker.py"
-    script.write_text(MPI_WORKER.format(tests=os.path.join(REPO, "tests"), log=str(tmp_path / "log"), steps=steps, out=out))
+    script.write_text(
+        MPI_WORKER.format(tests=os.path.join(REPO, "tests"), log=str(tmp_path / "log"), steps=steps, out=out)
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([mpiexec, "-n", "2", sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [mpiexec, "-n", "2", sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out)
 
