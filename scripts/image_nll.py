@@ -5,7 +5,8 @@ and the discretised decoder L_0), in bits per dimension.
 
 Logs running means of total, prior and VB bits/dim and of the MSE terms; at the end writes
 ``vb_terms.npz``, ``mse_terms.npz``, ``xstart_mse_terms.npz`` (``arr_0``: the per-timestep
-mean over the evaluated images, as the original) and ``nll_summary.json`` in the log folder.
+mean over the evaluated images, ``arr_0[j]`` for timestep T-1-j, as the original) and
+``nll_summary.json`` (total, prior and VB bits/dim, image count) in the log folder.
 """
 
 import argparse
@@ -170,6 +171,13 @@ def _log_running_means(sums: Dict[str, Any]) -> None:
     logger.logkv("vb_bpd", float(sums["vb"].sum()) / n)
     logger.logkv("mse", float(sums["mse"].mean()) / n)
     logger.logkv("xstart_mse", float(sums["xstart_mse"].mean()) / n)
+    # Per-term detail by quarter of the timesteps (column j holds t = T-1-j), as training logs.
+    num_timesteps = len(sums["vb"])
+    quartile = (4 * (num_timesteps - 1 - np.arange(num_timesteps))) // num_timesteps
+    for q in range(4):
+        if (quartile == q).any():
+            logger.logkv(f"vb_bpd_q{q}", float(sums["vb"][quartile == q].sum()) / n)
+            logger.logkv(f"mse_q{q}", float(sums["mse"][quartile == q].mean()) / n)
     logger.dumpkvs()
     logger.log(f"done {n} samples: bpd={sums['total_bpd'] / n}")
 
