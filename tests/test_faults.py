@@ -921,27 +921,8 @@ SCRIPT_BAD = {
     "super_res_train.py": MODEL_BAD + TRAIN_BAD + [("small_size", "4.0", INT)],
 }
 # Known defects (tests stay strict-xfail until fixed; see /work/brief/fault_findings.md).
-LATE_CHECK = (
-    "F1: the script creates --log_dir (logger.configure) before the model/diffusion flags are "
-    "checked in create_model_and_diffusion"
-)
 ARGPARSE_USAGE = "F2: argparse prints its 20-line usage before the error line"
-LATE_CHECK_TRAIN = (
-    "F1: the training script creates --log_dir (and writes args.json) before checking these flags"
-)
-MODEL_CHOICES = ("noise_schedule", "timestep_respacing", "attention_resolutions", "channel_mult")
-KNOWN = {
-    (script, flag): LATE_CHECK
-    for script in ("image_sample.py", "super_res_sample.py", "image_nll.py")
-    for flag in MODEL_CHOICES
-}
-KNOWN.update(
-    {
-        (script, flag): LATE_CHECK_TRAIN
-        for script in ("image_train.py", "super_res_train.py")
-        for flag in MODEL_CHOICES + ("schedule_sampler", "ema_rate")
-    }
-)
+KNOWN = {}  # (script, flag) -> reason; F1 (log folder before the flag checks) is fixed
 
 
 def _case(script, *values, id, known=None):
@@ -1184,3 +1165,93 @@ def test_one_failing_rank_ends_the_job(tmp_path):
     assert proc.returncode != 0, output[-3000:]
     assert seconds < MPI_PROMPT_S, f"took {seconds:.0f} s"
     assert output.count(f"could not read image {bad}") == 1, output[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. The training script end to end (in-process): untrusted, contradicting and broken inputs
+
+
+def _train(tmp_path, capsys, data_dir, *extra, script="image_train.py", log_dir=None):
+    log_dir = str(log_dir or tmp_path / "run")
+    argv = ["--data_dir", data_dir, "--log_dir", log_dir, *TRAIN_TINY[:-2], "--max_steps", 2, *extra]
+    code, err = _run_script(script, argv, capsys)
+    return code, err, log_dir
+
+
+@pytest.fixture
+def trained_run(tmp_path, capsys, train_images):
+    """A finished two-step image_train run (log folder with args.json and checkpoints 1 and 2)."""
+    if not _has_script("image_train.py"):
+        pytest.skip("scripts/image_train.py not written yet")
+    code, err, log_dir = _train(tmp_path, capsys, train_images)
+    assert code == 0, err
+    assert _complete_steps(set(os.listdir(log_dir))) == [1, 2]
+    return log_dir
+
+
+@pytest.mark.parametrize("flag, value", [("num_channels", 64), ("learn_sigma", True), ("num_res_blocks", 2)])
+def test_resume_with_contradicting_flags_is_named(tmp_path, capsys, train_images, trained_run, flag, value):
+    code, err, _ = _train(tmp_path, capsys, train_images, f"--{flag}", value, "--max_steps", 3, log_dir=trained_run)
+    line = _one_line(err)
+    assert code == 2 and f"--{flag}" in line and "model000002.pt" in line, line
+
+
+def test_resume_with_contradicting_flags_keeps_args_json(tmp_path, capsys, train_images, trained_run):
+    path = os.path.join(trained_run, "args.json")
+    with open(path) as f:
+        before = f.read()
+    code, _, _ = _train(tmp_path, capsys, train_images, "--num_channels", 64, "--max_steps", 3, log_dir=trained_run)
+    with open(path) as f:
+        assert code == 2 and f.read() == before
+
+
+def test_training_refuses_a_pickled_resume_checkpoint(tmp_path, capsys, train_images, trained_run):
+    marker = tmp_path / "ran"
+    target = os.path.join(trained_run, "model000002.pt")
+    _evil_checkpoint(target, marker, fileio.safe_torch_load(target))
+    code, err, _ = _train(tmp_path, capsys, train_images, "--resume_checkpoint", target, "--max_steps", 3,
+                          log_dir=trained_run)
+    assert code == 2 and f"refusing to load {target}" in _one_line(err)
+    code, err, _ = _train(tmp_path, capsys, train_images, "--max_steps", 3, log_dir=trained_run)  # auto
+    assert code == 0, err
+    assert not marker.exists()
+    with open(os.path.join(trained_run, "log.txt")) as f:
+        log = f.read()
+    assert "skipping checkpoint 2" in log and "resuming from" in log and "model000001.pt (step 1)" in log
+
+
+def test_training_stops_cleanly_on_a_full_disk(tmp_path, capsys, monkeypatch, train_images, trained_run):
+    before = {n: os.path.getsize(os.path.join(trained_run, n)) for n in _pt_files(trained_run)}
+    monkeypatch.setattr(fileio, "atomic_write", _DiskFull(fileio.atomic_write, "000003"))
+    code, err, _ = _train(tmp_path, capsys, train_images, "--max_steps", 4, log_dir=trained_run)
+    monkeypatch.undo()
+    line = _one_line(err)
+    assert code == 2 and "No space left on device" in line and "earlier checkpoints are intact" in line, line
+    assert {n: os.path.getsize(os.path.join(trained_run, n)) for n in _pt_files(trained_run)} == before
+    assert not _tmp_files(trained_run)
+    _assert_finite_files(trained_run)
+
+
+@_needs_script("image_train.py")
+@pytest.mark.parametrize(
+    "files, extra, match",
+    [
+        ({"a_1.png": _png_bytes(RGB), "b_2.png": b""}, [], r"could not read image {data}/b_2\.png: the file is empty"),
+        ({"a_1.png": _png_bytes(RGB), "b2.png": _png_bytes(RGB)}, ["--class_cond", True], r"{data}/b2\.png has no '_'"),
+        ({"a.gif": _bomb_gif(65535, 65535)}, [], r"refusing image {data}/a\.gif"),
+        ({}, [], r"--data_dir {data}: no image files"),
+    ],
+    ids=["empty image", "class_cond without underscore", "decompression bomb", "no images"],
+)
+def test_training_on_a_bad_folder_is_one_line(tmp_path, capsys, files, extra, match):
+    data = _image_folder(tmp_path, files)
+    code, err, _ = _train(tmp_path, capsys, data, *extra)
+    assert code == 2 and re.search(match.replace("{data}", re.escape(data)), _one_line(err)), err
+
+
+@_needs_script("super_res_train.py")
+def test_super_res_training_on_a_bad_image_is_one_line(tmp_path, capsys):
+    data = _image_folder(tmp_path, {"a.png": _png_bytes(RGB), "b.png": _png_bytes(RGB)[:70]})
+    argv = _train_argv(dict(data=data), sr=True) + ["--log_dir", tmp_path / "run", "--diffusion_steps", 10]
+    code, err = _run_script("super_res_train.py", argv, capsys)
+    assert code == 2 and f"could not read image {os.path.join(data, 'b.png')}" in _one_line(err)
