@@ -143,7 +143,6 @@ class TrainLoop:
         return torch.nn.parallel.DistributedDataParallel(
             self.model,
             device_ids=[self.device] if self.device.type == "cuda" else None,
-            broadcast_buffers=False,
             bucket_cap_mb=128,
             find_unused_parameters=False,
         )
@@ -172,7 +171,7 @@ class TrainLoop:
         logger.log(f"resuming from {path} (step {step})")
         files = checkpoint_files(os.path.dirname(path), step, self.ema_rate)
         load_model_state(self.model, dist_util.load_state_dict(path, map_location="cpu"), path)
-        self.step = step
+        self.step = self._last_saved_step = step
         for ema, ema_path in zip(self.ema_params, files["ema"]):
             if _decided_by_rank0(lambda p=ema_path: os.path.isfile(p)):
                 self._load_ema(ema, dist_util.load_state_dict(ema_path, map_location="cpu"), ema_path)
@@ -185,7 +184,10 @@ class TrainLoop:
             try:
                 self.opt.load_state_dict(opt_state)
             except (ValueError, KeyError) as exc:
-                raise UserError(f"optimizer state {files['opt']} does not fit this model: {exc}") from exc
+                raise UserError(
+                    f"optimizer state {files['opt']} does not fit this model ({exc}); "
+                    "move it away to resume with a fresh optimizer"
+                ) from exc
         if _decided_by_rank0(lambda: os.path.isfile(files["state"])):
             self._load_train_state(dist_util.load_state_dict(files["state"], map_location="cpu"), files["state"])
         else:
