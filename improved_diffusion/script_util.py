@@ -347,6 +347,16 @@ def create_gaussian_diffusion(
 # argparse plumbing
 
 
+class FlagParser(argparse.ArgumentParser):
+    """
+    ``argparse.ArgumentParser`` whose errors are one line (``error: argument --x: ...``, exit 2)
+    instead of the whole usage block; ``--help`` is unchanged. Every script uses it.
+    """
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def str2bool(v: Any) -> bool:
     """Strict boolean parsing for flags: true/false, yes/no, t/f, y/n, 1/0 (any case)."""
     if isinstance(v, bool):

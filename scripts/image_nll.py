@@ -29,6 +29,7 @@ from improved_diffusion.sample_util import (
     require_model_path,
 )
 from improved_diffusion.script_util import (
+    FlagParser,
     add_dict_to_argparser,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
@@ -219,7 +220,7 @@ def create_argparser() -> argparse.ArgumentParser:
         use_bf16=False,
     )
     defaults.update(model_and_diffusion_defaults())
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = FlagParser(description=__doc__.strip().splitlines()[0])
     add_dict_to_argparser(parser, defaults)
     return parser
 

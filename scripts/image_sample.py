@@ -30,6 +30,7 @@ from improved_diffusion.sample_util import (
     validate_sampling_args,
 )
 from improved_diffusion.script_util import (
+    FlagParser,
     add_dict_to_argparser,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
@@ -78,7 +79,7 @@ def create_argparser() -> argparse.ArgumentParser:
     defaults = sampling_defaults()
     defaults.update(class_labels="")
     defaults.update(model_and_diffusion_defaults())
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = FlagParser(description=__doc__.strip().splitlines()[0])
     add_dict_to_argparser(parser, defaults)
     add_grid_alias(parser)
     return parser

@@ -18,6 +18,7 @@ from improved_diffusion.errors import run_main
 from improved_diffusion.image_datasets import list_image_files, load_data
 from improved_diffusion.resample import create_named_schedule_sampler
 from improved_diffusion.script_util import (
+    FlagParser,
     add_dict_to_argparser,
     args_to_dict,
     create_model_and_diffusion,
@@ -78,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 def create_argparser() -> argparse.ArgumentParser:
     defaults = training_defaults()
     defaults.update(model_and_diffusion_defaults())
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = FlagParser(description=__doc__.strip().splitlines()[0])
     add_dict_to_argparser(parser, defaults)
     return parser
 

@@ -29,6 +29,7 @@ from improved_diffusion.sample_util import (
     validate_sampling_args,
 )
 from improved_diffusion.script_util import (
+    FlagParser,
     NUM_CLASSES,
     add_dict_to_argparser,
     parse_args_with_saved,
@@ -132,7 +133,7 @@ def create_argparser() -> argparse.ArgumentParser:
     defaults = sampling_defaults()
     defaults.update(base_samples="")
     defaults.update(sr_model_and_diffusion_defaults())
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = FlagParser(description=__doc__.strip().splitlines()[0])
     add_dict_to_argparser(parser, defaults)
     add_grid_alias(parser)
     return parser
