@@ -67,8 +67,8 @@ def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) ->
     if schedule_name == "linear":
         if steps < 20:
             raise UserError(
-                f"the linear noise schedule needs at least 20 diffusion steps (got {steps}; with fewer, "
-                "betas exceed 1); use more steps or --noise_schedule cosine"
+                f"--diffusion_steps {steps}: the linear noise schedule needs more than 20 steps (with "
+                "fewer its betas exceed 1, at exactly 20 the last is 1); use more steps or --noise_schedule cosine"
             )
         scale = 1000 / steps
         return np.linspace(scale * 0.0001, scale * 0.02, steps, dtype=np.float64)

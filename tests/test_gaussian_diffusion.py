@@ -433,7 +433,7 @@ def test_loops_show_a_progress_bar(capsys):
         ("quadratic", 1000, r"unknown noise schedule 'quadratic'.*'linear', 'cosine'"),
         ("linear", 0, r"--diffusion_steps 0: must be a positive integer"),
         ("cosine", -5, r"--diffusion_steps -5: must be a positive integer"),
-        ("linear", 10, r"linear noise schedule needs at least 20 diffusion steps \(got 10"),
+        ("linear", 10, r"--diffusion_steps 10: the linear noise schedule needs more than 20 steps"),
         ("cosine", "ten", r"--diffusion_steps 'ten': expected a positive integer"),
         ("cosine", 2.5, r"--diffusion_steps 2.5: expected a positive integer"),
     ],
