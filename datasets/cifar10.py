@@ -90,25 +90,18 @@ def read_cifar_archive(
         raise UserError(f"--archive {path} does not exist")
     try:
         with tarfile.open(path, "r:*") as tar:
-            members = {
-                os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()
-            }
+            members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
             needed = [META] + [name for names in SPLITS.values() for name in names]
             missing = [name for name in needed if name not in members]
             if missing:
-                raise UserError(
-                    f"--archive {path} is not a CIFAR-10 python archive: no {', '.join(missing)}"
-                )
+                raise UserError(f"--archive {path} is not a CIFAR-10 python archive: no {', '.join(missing)}")
             blobs = {name: tar.extractfile(members[name]).read() for name in needed}
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise UserError(f"could not read --archive {path}: {exc}") from exc
     class_names = _class_names(blobs[META], f"{path}:{META}")
     splits = {}
     for split, names in SPLITS.items():
-        batches = [
-            _read_batch(blobs[name], f"{path}:{name}", len(class_names))
-            for name in names
-        ]
+        batches = [_read_batch(blobs[name], f"{path}:{name}", len(class_names)) for name in names]
         splits[split] = (
             np.concatenate([b[0] for b in batches]),
             np.concatenate([b[1] for b in batches]),
@@ -123,30 +116,18 @@ def _class_names(data: bytes, source: str) -> list[str]:
         raise UserError(f"{source} has no list b'label_names'")
     decoded = [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
     if any(not n or "_" in n or os.sep in n for n in decoded):
-        raise UserError(
-            f"{source}: class names must be non-empty, without '_' or '{os.sep}': {decoded}"
-        )
+        raise UserError(f"{source}: class names must be non-empty, without '_' or '{os.sep}': {decoded}")
     return decoded
 
 
-def _read_batch(
-    data: bytes, source: str, num_classes: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _read_batch(data: bytes, source: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     batch = safe_unpickle(data, source)
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        raise UserError(
-            f"{source} is not a CIFAR batch (a dict with b'data' and b'labels')"
-        )
+        raise UserError(f"{source} is not a CIFAR batch (a dict with b'data' and b'labels')")
     pixels = np.asarray(batch[b"data"])
     labels = np.asarray(batch[b"labels"], dtype=np.int64).reshape(-1)
-    if (
-        pixels.dtype != np.uint8
-        or pixels.ndim != 2
-        or pixels.shape[1] != 3 * SIDE * SIDE
-    ):
-        raise UserError(
-            f"{source}: b'data' must be (N, {3 * SIDE * SIDE}) uint8, got {pixels.dtype} {pixels.shape}"
-        )
+    if pixels.dtype != np.uint8 or pixels.ndim != 2 or pixels.shape[1] != 3 * SIDE * SIDE:
+        raise UserError(f"{source}: b'data' must be (N, {3 * SIDE * SIDE}) uint8, got {pixels.dtype} {pixels.shape}")
     if len(labels) != len(pixels):
         raise UserError(f"{source}: {len(labels)} labels for {len(pixels)} images")
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
@@ -164,21 +145,15 @@ def download_archive(root: str) -> str:
     try:
         from torchvision.datasets import CIFAR10
     except Exception as exc:  # ImportError, or a torchvision built for another torch
-        raise UserError(
-            f"--download needs torchvision (pip install torchvision): {exc}"
-        ) from exc
+        raise UserError(f"--download needs torchvision (pip install torchvision): {exc}") from exc
     try:
         CIFAR10(root=root, train=True, download=True)
     except Exception as exc:  # network errors come in many types
-        raise UserError(
-            f"could not download CIFAR-10 through torchvision: {exc}"
-        ) from exc
+        raise UserError(f"could not download CIFAR-10 through torchvision: {exc}") from exc
     return os.path.join(root, ARCHIVE_NAME)
 
 
-def write_cifar_folders(
-    archive: str, out_dir: str, overwrite: bool = False
-) -> dict[str, int]:
+def write_cifar_folders(archive: str, out_dir: str, overwrite: bool = False) -> dict[str, int]:
     """
     Write ``out_dir/train`` and ``out_dir/test`` from a CIFAR-10 python archive.
 
@@ -190,9 +165,7 @@ def write_cifar_folders(
     counts = {}
     for split, (images, labels) in splits.items():
 
-        def named(
-            images: np.ndarray = images, labels: np.ndarray = labels
-        ) -> Iterator[tuple[str, np.ndarray]]:
+        def named(images: np.ndarray = images, labels: np.ndarray = labels) -> Iterator[tuple[str, np.ndarray]]:
             for index, (image, label) in enumerate(zip(images, labels)):
                 yield f"{class_names[label]}_{index:05d}.png", image
 
@@ -209,9 +182,7 @@ def write_cifar_folders(
 def create_argparser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--archive", default="", help=f"local {ARCHIVE_NAME}")
-    parser.add_argument(
-        "--download", action="store_true", help="fetch the archive through torchvision"
-    )
+    parser.add_argument("--download", action="store_true", help="fetch the archive through torchvision")
     add_output_args(parser, os.path.join("data", "cifar10"))
     return parser
 
@@ -219,22 +190,13 @@ def create_argparser() -> argparse.ArgumentParser:
 def main() -> None:
     args = create_argparser().parse_args()
     if bool(args.archive) == args.download:
-        raise UserError(
-            f"give exactly one of --archive PATH (a local {ARCHIVE_NAME}) or --download"
-        )
+        raise UserError(f"give exactly one of --archive PATH (a local {ARCHIVE_NAME}) or --download")
     if args.archive:
         counts = write_cifar_folders(args.archive, args.out_dir, args.overwrite)
     else:
         with tempfile.TemporaryDirectory() as root:
-            counts = write_cifar_folders(
-                download_archive(root), args.out_dir, args.overwrite
-            )
-    print(
-        ", ".join(
-            f"wrote {n} {split} images to {os.path.join(args.out_dir, split)}"
-            for split, n in counts.items()
-        )
-    )
+            counts = write_cifar_folders(download_archive(root), args.out_dir, args.overwrite)
+    print(", ".join(f"wrote {n} {split} images to {os.path.join(args.out_dir, split)}" for split, n in counts.items()))
 
 
 if __name__ == "__main__":

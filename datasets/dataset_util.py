@@ -43,9 +43,7 @@ def check_out_dir(out_dir: str, overwrite: bool) -> None:
     if os.path.isfile(out_dir):
         raise UserError(f"--out_dir {out_dir} is a file, expected a folder")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise UserError(
-            f"--out_dir {out_dir} already holds files; pass --overwrite to replace it"
-        )
+        raise UserError(f"--out_dir {out_dir} already holds files; pass --overwrite to replace it")
 
 
 def write_image_folder(
@@ -81,9 +79,7 @@ def write_image_folder(
     count = 0
     try:
         for name, array in tqdm(images, total=total, desc=desc, unit="img"):
-            Image.fromarray(np.ascontiguousarray(array)).save(
-                os.path.join(staging, name), format="PNG"
-            )
+            Image.fromarray(np.ascontiguousarray(array)).save(os.path.join(staging, name), format="PNG")
             count += 1
         if count == 0:
             raise UserError(f"no images to write into {out_dir}")
@@ -99,10 +95,6 @@ def write_image_folder(
 def positive_int(flag: str, value: int, allow_zero: bool = False) -> int:
     """Check a count flag: positive (or zero when ``allow_zero``, meaning "no limit")."""
     if value < 0 or (value == 0 and not allow_zero):
-        expected = (
-            "a non-negative integer (0 = no limit)"
-            if allow_zero
-            else "a positive integer"
-        )
+        expected = "a non-negative integer (0 = no limit)" if allow_zero else "a positive integer"
         raise UserError(f"{flag} must be {expected}, got {value}")
     return value

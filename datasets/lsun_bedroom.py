@@ -39,9 +39,7 @@ def _import_lmdb():
     try:
         import lmdb
     except ImportError:
-        raise UserError(
-            "reading LSUN needs the lmdb package: pip install lmdb"
-        ) from None
+        raise UserError("reading LSUN needs the lmdb package: pip install lmdb") from None
     return lmdb
 
 
@@ -57,18 +55,14 @@ def decode_image(value: bytes, image_size: int, key: bytes) -> np.ndarray:
     try:
         image = Image.open(io.BytesIO(value))
         image.load()
-    except (
-        Exception
-    ) as exc:  # Pillow raises OSError, SyntaxError, ValueError... for bad data
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for bad data
         raise UserError(
             f"LMDB value for key {key.decode('utf-8', 'replace')!r} is not a readable image: {exc}"
         ) from exc
     return center_crop_arr(image.convert("RGB"), image_size)
 
 
-def iter_lmdb_images(
-    lmdb_path: str, image_size: int, max_images: int = 0
-) -> Iterator[tuple[bytes, np.ndarray]]:
+def iter_lmdb_images(lmdb_path: str, image_size: int, max_images: int = 0) -> Iterator[tuple[bytes, np.ndarray]]:
     """
     Yield ``(key, image)`` for the first ``max_images`` entries (all when 0), in key order.
 
@@ -87,9 +81,7 @@ def iter_lmdb_images(
             subdir=os.path.isdir(lmdb_path),
         )
     except lmdb.Error as exc:
-        raise UserError(
-            f"--lmdb_path {lmdb_path} is not an LMDB database: {exc}"
-        ) from exc
+        raise UserError(f"--lmdb_path {lmdb_path} is not an LMDB database: {exc}") from exc
     try:
         with env.begin(write=False) as txn:
             for count, (key, value) in enumerate(txn.cursor()):
@@ -135,9 +127,7 @@ def write_lsun_folder(
     positive_int("--image_size", image_size)
     positive_int("--max_images", max_images, allow_zero=True)
     if not prefix or "_" in prefix or os.sep in prefix:
-        raise UserError(
-            f"--prefix must be non-empty without '_' or '{os.sep}', got {prefix!r}"
-        )
+        raise UserError(f"--prefix must be non-empty without '_' or '{os.sep}', got {prefix!r}")
     _import_lmdb()
     check_out_dir(out_dir, overwrite)
     total = lmdb_length(lmdb_path) if os.path.exists(lmdb_path) else 0
@@ -145,14 +135,10 @@ def write_lsun_folder(
         total = min(total, max_images)
 
     def named() -> Iterator[tuple[str, np.ndarray]]:
-        for index, (_, image) in enumerate(
-            iter_lmdb_images(lmdb_path, image_size, max_images)
-        ):
+        for index, (_, image) in enumerate(iter_lmdb_images(lmdb_path, image_size, max_images)):
             yield f"{prefix}_{index:07d}.png", image
 
-    return write_image_folder(
-        out_dir, named(), total=total or None, desc=prefix, overwrite=overwrite
-    )
+    return write_image_folder(out_dir, named(), total=total or None, desc=prefix, overwrite=overwrite)
 
 
 def create_argparser() -> argparse.ArgumentParser:

