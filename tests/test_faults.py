@@ -1267,3 +1267,42 @@ def test_super_res_training_on_a_bad_image_is_one_line(tmp_path, capsys):
     argv = _train_argv(dict(data=data), sr=True) + ["--log_dir", tmp_path / "run", "--diffusion_steps", 10]
     code, err = _run_script("super_res_train.py", argv, capsys)
     assert code == 2 and f"could not read image {os.path.join(data, 'b.png')}" in _one_line(err)
+
+
+@_needs_script("image_train.py")
+def test_diverging_training_stops_with_finite_checkpoints(tmp_path, capsys, train_images):
+    """A learning rate of 1e30 turns the loss into Inf/NaN after one step: skipped, then stopped."""
+    code, err, log_dir = _train(tmp_path, capsys, train_images, "--lr", 1e30, "--max_steps", 20)
+    line = _one_line(err)
+    assert code == 2 and "loss was NaN/Inf for 5 steps in a row at step 6; lower --lr" in line, line
+    assert _complete_steps(set(os.listdir(log_dir))) == [1, 2, 3, 4, 5]
+    _assert_finite_files(log_dir)
+    first, last = (fileio.safe_torch_load(os.path.join(log_dir, f"model00000{s}.pt")) for s in (1, 5))
+    for key in first:  # the four skipped steps left the weights exactly as after step 1
+        torch.testing.assert_close(last[key], first[key], **EXACT)
+
+
+@pytest.mark.parametrize("script", ["image_nll.py", "super_res_sample.py"])
+def test_other_scripts_refuse_a_pickled_model(script_inputs, tmp_path, capsys, script):
+    if not _has_script(script):
+        pytest.skip(f"scripts/{script} not written yet")
+    marker = tmp_path / "ran"
+    key = "sr_ckpt" if script.startswith("super_res") else "ckpt"
+    folder = tmp_path / "ckpt"
+    shutil.copytree(os.path.dirname(script_inputs[key]), folder)  # keeps args.json beside it
+    evil = _evil_checkpoint(folder / "model000000.pt", marker, fileio.safe_torch_load(script_inputs[key]))
+    inputs = dict(script_inputs, **{key: evil})
+    code, err = _run_script(script, _base_argv(script, inputs) + ["--log_dir", tmp_path / "log"], capsys)
+    assert code == 2 and f"refusing to load {evil}" in _one_line(err)
+    assert not marker.exists()
+
+
+@_needs_script("image_sample.py")
+def test_full_disk_while_writing_samples(script_inputs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(fileio, "atomic_write", _DiskFull(fileio.atomic_write, "samples_"))
+    log_dir = tmp_path / "log"
+    code, err = _run_script("image_sample.py", _base_argv("image_sample.py", script_inputs) + ["--log_dir", log_dir], capsys)
+    line = [x for x in err.replace("\r", "\n").splitlines() if x.strip()][-1]  # after the progress bars
+    assert line.startswith("error: could not write") and err.count("error:") == 1, err
+    assert code == 2 and "samples_1x8x8x3.npz" in line and "No space left" in line, line
+    assert not [f for f in os.listdir(log_dir) if f.endswith(".npz") or f.startswith(fileio.TMP_PREFIX)]
