@@ -1190,14 +1190,24 @@ def _train(tmp_path, capsys, data_dir, *extra, script="image_train.py", log_dir=
     return code, err, log_dir
 
 
-@pytest.fixture
-def trained_run(tmp_path, capsys, train_images):
-    """A finished two-step image_train run (log folder with args.json and checkpoints 1 and 2)."""
+@pytest.fixture(scope="module")
+def _trained_template(tmp_path_factory, train_images):
     if not _has_script("image_train.py"):
         pytest.skip("scripts/image_train.py not written yet")
-    code, err, log_dir = _train(tmp_path, capsys, train_images)
-    assert code == 0, err
+    log_dir = str(tmp_path_factory.mktemp("trained") / "run")
+    main = _script("image_train.py")["main"]
+    argv = ["--data_dir", train_images, "--log_dir", log_dir, *TRAIN_TINY[:-2], "--max_steps", 2]
+    with logger.scoped_configure(dir=tempfile.mkdtemp(prefix="faults-logger-"), format_strs=[]):
+        main([str(a) for a in argv])
     assert _complete_steps(set(os.listdir(log_dir))) == [1, 2]
+    return log_dir
+
+
+@pytest.fixture
+def trained_run(tmp_path, _trained_template):
+    """A copy of a finished two-step image_train run (args.json, logs, checkpoints 1 and 2)."""
+    log_dir = str(tmp_path / "trained")
+    shutil.copytree(_trained_template, log_dir)
     return log_dir
 
 
