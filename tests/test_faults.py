@@ -304,6 +304,24 @@ def test_every_load_in_the_code_is_weights_only_and_pickle_free():
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.skipif(not os.path.exists(os.path.join(REPO, "datasets", "cifar10.py")), reason="datasets/cifar10.py missing")
+def test_cifar_batches_are_unpickled_with_an_allowlist(tmp_path):
+    """The one pickle format we must read (CIFAR-10 batches) goes through an allowlist."""
+    safe_unpickle = runpy.run_path(os.path.join(REPO, "datasets", "cifar10.py"), run_name="not_main")["safe_unpickle"]
+    good = {b"data": np.arange(6, dtype=np.uint8).reshape(2, 3), b"labels": [0, 1]}
+    np.testing.assert_array_equal(safe_unpickle(pickle.dumps(good), "batch")[b"data"], good[b"data"])
+    marker = tmp_path / "ran"
+    payloads = {
+        "exec in a dict": pickle.dumps({b"data": _Payload(str(marker))}),
+        "exec in an object array": pickle.dumps(np.array([_Payload(str(marker))], dtype=object)),
+        "os.system": b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.",
+    }
+    for name, data in payloads.items():
+        with pytest.raises(UserError, match=r"could not unpickle data_batch_1: refusing to load"):
+            safe_unpickle(data, "data_batch_1")
+        assert not marker.exists(), name
+
+
 # .npz base samples for super-resolution: loaded without pickle, checked key by key
 
 
