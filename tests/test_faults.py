@@ -1372,3 +1372,30 @@ def test_resume_removes_temporaries_of_killed_writes(tmp_path, capsys, train_ima
     code, err, resumed, _ = _resume_outcome(tmp_path, capsys, train_images, trained_run)
     assert code == 0 and resumed == 2, err
     assert not os.path.exists(leftover)
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. A broken args.json beside the checkpoint (sampling reads its flags from there)
+
+BAD_ARGS_JSON = {
+    "truncated": (b'{"num_channels": 32, "learn_si', r"could not read {path}"),
+    "empty": (b"", r"could not read {path}"),
+    "a list": (b"[1, 2]", r"{path} does not hold a JSON object"),
+    "wrong type": (b'{"num_channels": "abc"}', r"--num_channels.*'abc'"),
+    "unknown schedule": (b'{"noise_schedule": "quadratic"}', r"--noise_schedule.*'linear', 'cosine'"),
+}
+
+
+@_needs_script("image_sample.py")
+@pytest.mark.parametrize("case", list(BAD_ARGS_JSON))
+def test_broken_args_json_is_one_line(script_inputs, tmp_path, capsys, case):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(os.path.dirname(script_inputs["ckpt"]), folder)
+    content, match = BAD_ARGS_JSON[case]
+    path = _write(folder / "args.json", content)
+    inputs = dict(script_inputs, ckpt=str(folder / "model000000.pt"))
+    log_dir = tmp_path / "log"
+    code, err = _run_script("image_sample.py", _base_argv("image_sample.py", inputs) + ["--log_dir", log_dir], capsys)
+    line = _one_line(err)
+    assert code == 2 and re.search(match.replace("{path}", re.escape(path)), line), line
+    assert not log_dir.exists()
