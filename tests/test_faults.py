@@ -66,7 +66,7 @@ def _run_script(name, argv, capsys):
     main = _script(name)["main"]
     capsys.readouterr()
     # the script configures its own logger; scoped_configure restores (and closes) it after
-    with logger.scoped_configure(dir=tempfile.mkdtemp(prefix="faults-logger-"), format_strs=[]):
+    with tempfile.TemporaryDirectory() as scratch, logger.scoped_configure(dir=scratch, format_strs=[]):
         with pytest.raises(SystemExit) as exc:
             errors.run_main(lambda: main([str(a) for a in argv]))
     _, err = capsys.readouterr()
@@ -227,7 +227,7 @@ def test_pickled_file_in_a_resumed_run_never_executes(tmp_path, which):
     folder = str(tmp_path / "run")
     _loop(folder, max_steps=2).run_loop()
     marker = tmp_path / "ran"
-    name = {"model": "model000002.pt", "ema": "ema_0.9_000002.pt", "opt": "opt000002.pt", "state": "state000002.pt"}[which]
+    name = {"model": "model", "ema": "ema_0.9_", "opt": "opt", "state": "state"}[which] + "000002.pt"
     target = os.path.join(folder, name)
     template = fileio.safe_torch_load(target)
     _evil_checkpoint(target, marker, template if isinstance(template, dict) else None)
@@ -244,9 +244,26 @@ def test_sampling_refuses_a_pickled_model(tmp_path, capsys):
     path = _evil_checkpoint(tmp_path / "evil.pt", marker)
     code, err = _run_script(
         "image_sample.py",
-        ["--model_path", path, "--log_dir", tmp_path / "out", "--image_size", 8, "--num_channels", 32,
-         "--channel_mult", "1", "--attention_resolutions", "", "--noise_schedule", "cosine",
-         "--diffusion_steps", 4, "--num_samples", 1],
+        [
+            "--model_path",
+            path,
+            "--log_dir",
+            tmp_path / "out",
+            "--image_size",
+            8,
+            "--num_channels",
+            32,
+            "--channel_mult",
+            "1",
+            "--attention_resolutions",
+            "",
+            "--noise_schedule",
+            "cosine",
+            "--diffusion_steps",
+            4,
+            "--num_samples",
+            1,
+        ],
         capsys,
     )
     assert code == 2 and "refusing to load" in _one_line(err) and path in err
@@ -304,10 +321,13 @@ def test_every_load_in_the_code_is_weights_only_and_pickle_free():
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(REPO, "datasets", "cifar10.py")), reason="datasets/cifar10.py missing")
+CIFAR_SCRIPT = os.path.join(REPO, "datasets", "cifar10.py")
+
+
+@pytest.mark.skipif(not os.path.exists(CIFAR_SCRIPT), reason="datasets/cifar10.py missing")
 def test_cifar_batches_are_unpickled_with_an_allowlist(tmp_path):
     """The one pickle format we must read (CIFAR-10 batches) goes through an allowlist."""
-    safe_unpickle = runpy.run_path(os.path.join(REPO, "datasets", "cifar10.py"), run_name="not_main")["safe_unpickle"]
+    safe_unpickle = runpy.run_path(CIFAR_SCRIPT, run_name="not_main")["safe_unpickle"]
     good = {b"data": np.arange(6, dtype=np.uint8).reshape(2, 3), b"labels": [0, 1]}
     np.testing.assert_array_equal(safe_unpickle(pickle.dumps(good), "batch")[b"data"], good[b"data"])
     marker = tmp_path / "ran"
@@ -426,9 +446,26 @@ def test_sampling_from_a_broken_checkpoint_is_one_line(tmp_path, capsys, kind):
     path = _broken_files(tmp_path)[kind]
     code, err = _run_script(
         "image_sample.py",
-        ["--model_path", path, "--log_dir", tmp_path / "out", "--image_size", 8, "--num_channels", 32,
-         "--channel_mult", "1", "--attention_resolutions", "", "--noise_schedule", "cosine",
-         "--diffusion_steps", 4, "--num_samples", 1],
+        [
+            "--model_path",
+            path,
+            "--log_dir",
+            tmp_path / "out",
+            "--image_size",
+            8,
+            "--num_channels",
+            32,
+            "--channel_mult",
+            "1",
+            "--attention_resolutions",
+            "",
+            "--noise_schedule",
+            "cosine",
+            "--diffusion_steps",
+            4,
+            "--num_samples",
+            1,
+        ],
         capsys,
     )
     assert code == 2 and path in _one_line(err)
@@ -536,7 +573,6 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     loop = _loop(folder, max_steps=3)
     disk = _DiskFull(fileio.atomic_write, pattern)
     monkeypatch.setattr(fileio, "atomic_write", disk)
-    before = None
     with pytest.raises(UserError) as exc:
         loop.run_loop()
     monkeypatch.undo()
@@ -548,7 +584,6 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     assert not _tmp_files(folder)
     resumed = _loop(folder, resume_checkpoint="auto", max_steps=3)
     assert resumed.step == 1
-    del before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,7 +682,6 @@ def test_loss_scaling_gives_up_when_the_loss_itself_is_nan(tmp_path, monkeypatch
 
 def _png_bytes(arr, mode=None, **save_kw):
     buf = io.BytesIO()
-    Image.fromarray(arr, mode) if mode else Image.fromarray(arr)
     (Image.fromarray(arr, mode) if mode else Image.fromarray(arr)).save(buf, format="PNG", **save_kw)
     return buf.getvalue()
 
@@ -811,7 +845,8 @@ def test_folders_without_images(tmp_path, files, match):
 
 def test_bad_image_in_worker_process_is_named(tmp_path):
     folder = _image_folder(tmp_path, {"a.png": _png_bytes(RGB), "b.png": b""})
-    loader = load_data(data_dir=folder, batch_size=2, image_size=8, deterministic=True, num_workers=1, rank=0, world_size=1)
+    args = dict(batch_size=2, image_size=8, deterministic=True, num_workers=1, rank=0, world_size=1)
+    loader = load_data(data_dir=folder, **args)
     with pytest.raises(UserError, match=rf"{re.escape(os.path.join(folder, 'b.png'))}: the file is empty"):
         next(loader)
 
@@ -822,8 +857,18 @@ def test_nll_on_a_folder_with_a_bad_image_is_one_line(script_inputs, tmp_path, c
     data.mkdir()
     _write(data / "a.png", _png_bytes(RGB[:8, :8]))
     bad = _write(data / "b.jpg", b"<html>not an image</html>")
-    argv = ["--model_path", script_inputs["ckpt"], "--data_dir", data, "--num_samples", 2, "--batch_size", 2,
-            "--log_dir", tmp_path / "log"]
+    argv = [
+        "--model_path",
+        script_inputs["ckpt"],
+        "--data_dir",
+        data,
+        "--num_samples",
+        2,
+        "--batch_size",
+        2,
+        "--log_dir",
+        tmp_path / "log",
+    ]
     code, err = _run_script("image_nll.py", argv, capsys)
     assert code == 2 and f"could not read image {bad}" in _one_line(err)
 
@@ -832,8 +877,16 @@ def test_nll_on_a_folder_with_a_bad_image_is_one_line(script_inputs, tmp_path, c
 def test_super_res_sampling_refuses_pickled_base_samples(script_inputs, tmp_path, capsys):
     marker = tmp_path / "ran"
     evil = _npz(tmp_path / "evil.npz", arr_0=np.array([_Payload(str(marker))], dtype=object))
-    argv = ["--model_path", script_inputs["sr_ckpt"], "--base_samples", evil, "--num_samples", 1,
-            "--log_dir", tmp_path / "log"]
+    argv = [
+        "--model_path",
+        script_inputs["sr_ckpt"],
+        "--base_samples",
+        evil,
+        "--num_samples",
+        1,
+        "--log_dir",
+        tmp_path / "log",
+    ]
     code, err = _run_script("super_res_sample.py", argv, capsys)
     assert code == 2 and f"--base_samples {evil}: not a readable .npz archive" in _one_line(err)
     assert not marker.exists()
@@ -897,8 +950,16 @@ def _base_argv(script, inputs):
     """A working command line for ``script`` (the log folder is added by the caller)."""
     return {
         "image_sample.py": lambda: ["--model_path", inputs["ckpt"], "--num_samples", 1, "--batch_size", 1],
-        "super_res_sample.py": lambda: ["--model_path", inputs["sr_ckpt"], "--base_samples", inputs["base"],
-                                        "--num_samples", 1, "--batch_size", 1],
+        "super_res_sample.py": lambda: [
+            "--model_path",
+            inputs["sr_ckpt"],
+            "--base_samples",
+            inputs["base"],
+            "--num_samples",
+            1,
+            "--batch_size",
+            1,
+        ],
         "image_nll.py": lambda: ["--model_path", inputs["ckpt"], "--data_dir", inputs["data"], "--num_samples", 1],
         "image_train.py": lambda: _train_argv(inputs),
         "super_res_train.py": lambda: _train_argv(inputs, sr=True),
@@ -920,8 +981,13 @@ MODEL_BAD = [
     ("attention_resolutions", "16;8", r"'16;8'"),
     ("channel_mult", "1,x", r"'1,x'"),
 ]
-SAMPLE_BAD = [("num_samples", "many", INT), ("use_ddim", "yes please", BOOL), ("eta", "x", FLOAT),
-              ("clip_denoised", "sure", BOOL), ("seed", "0.5", INT)]
+SAMPLE_BAD = [
+    ("num_samples", "many", INT),
+    ("use_ddim", "yes please", BOOL),
+    ("eta", "x", FLOAT),
+    ("clip_denoised", "sure", BOOL),
+    ("seed", "0.5", INT),
+]
 TRAIN_BAD = [
     ("schedule_sampler", "importance", r"'uniform', 'loss-second-moment'"),
     ("lr", "fast", FLOAT),
@@ -1005,10 +1071,34 @@ def test_flag_contradicting_the_checkpoint_is_named(script_inputs, tmp_path, cap
 
 CHECKPOINT_PREFIXES = ["model", "ema_0.9_", "opt", "state"]  # state is written last
 TRAIN_TINY = [
-    "--image_size", 8, "--channel_mult", "1", "--num_channels", 32, "--num_res_blocks", 1,
-    "--attention_resolutions", "", "--diffusion_steps", 10, "--noise_schedule", "cosine",
-    "--batch_size", 2, "--lr", 1e-3, "--ema_rate", "0.9", "--log_interval", 1, "--save_interval", 1,
-    "--resume_checkpoint", "auto", "--max_steps", 100000,
+    "--image_size",
+    8,
+    "--channel_mult",
+    "1",
+    "--num_channels",
+    32,
+    "--num_res_blocks",
+    1,
+    "--attention_resolutions",
+    "",
+    "--diffusion_steps",
+    10,
+    "--noise_schedule",
+    "cosine",
+    "--batch_size",
+    2,
+    "--lr",
+    1e-3,
+    "--ema_rate",
+    "0.9",
+    "--log_interval",
+    1,
+    "--save_interval",
+    1,
+    "--resume_checkpoint",
+    "auto",
+    "--max_steps",
+    100000,
 ]
 KILL_SEED = 10
 
@@ -1023,11 +1113,22 @@ def _kill_plan(seed=KILL_SEED):
     delays = [dict(kill="delay", seconds=round(float(s), 2)) for s in rng.uniform(0.3, 3.0, 5)]
     in_write = [dict(kill="fsync", n=int(n)) for n in rng.integers(2, 12, 3)]
     between = [dict(kill="replace", n=int(n)) for n in rng.integers(2, 12, 2)]
-    kills = [delays[0], in_write[0], delays[1], between[0], delays[2], in_write[1], delays[3], between[1],
-             in_write[2], delays[4]]
+    kills = [
+        delays[0],
+        in_write[0],
+        delays[1],
+        between[0],
+        delays[2],
+        in_write[1],
+        delays[3],
+        between[1],
+        in_write[2],
+        delays[4],
+    ]
     no_periodic_save = ["--save_interval", 100000]  # the signal alone must cause the save
-    signals = [dict(kill="signal", signal=int(s), after_rows=2, argv=no_periodic_save)
-               for s in (signal.SIGTERM, signal.SIGINT)]
+    signals = [
+        dict(kill="signal", signal=int(s), after_rows=2, argv=no_periodic_save) for s in (signal.SIGTERM, signal.SIGINT)
+    ]
     return kills + signals + [dict(kill=None, extra_steps=2)]
 
 
@@ -1064,7 +1165,10 @@ def run_kill_sequence(script, tmp_path, data_dir, plan=None):
     plan_path.write_text(json.dumps(plan, default=str))
     proc = subprocess.run(
         [sys.executable, os.path.join(FAULT_SCRIPTS, "kill_runner.py"), str(plan_path)],
-        capture_output=True, text=True, timeout=600, env=_subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_subprocess_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out) as f:
@@ -1161,7 +1265,9 @@ def run_two_ranks(script, tmp_path, files, fault=None):
     started = time.time()
     proc = subprocess.run(
         [_mpiexec(), "-n", "2", *command, script, *map(str, argv)],
-        capture_output=True, text=True, timeout=MPI_PROMPT_S + 60,
+        capture_output=True,
+        text=True,
+        timeout=MPI_PROMPT_S + 60,
         env=_subprocess_env(IDDPM_DIST_TIMEOUT="120"),
     )
     return proc, time.time() - started
@@ -1172,10 +1278,13 @@ TWO_RANK_FAULTS = {
     # rank 1's shard holds an unreadable image (sorted files alternate between the ranks)
     "UserError on rank 1 (bad image)": (
         {"a.png": GOOD_PNG, "b.png": b"\x89PNG\r\n\x1a\n truncated", "c.png": GOOD_PNG, "d.png": GOOD_PNG},
-        None, "could not read image {data}/b.png",
+        None,
+        "could not read image {data}/b.png",
     ),
     "RuntimeError on rank 1 at step 2": (
-        {"a.png": GOOD_PNG, "b.png": GOOD_PNG}, ("raise", 1, 2), "RuntimeError: injected fault on rank 1 at step 2",
+        {"a.png": GOOD_PNG, "b.png": GOOD_PNG},
+        ("raise", 1, 2),
+        "RuntimeError: injected fault on rank 1 at step 2",
     ),
     "SIGKILL of rank 1 at step 2": ({"a.png": GOOD_PNG, "b.png": GOOD_PNG}, ("sigkill", 1, 2), None),
     "every rank fails: 1 image for 2 ranks": ({"a.png": GOOD_PNG}, None, "fewer than the 2 processes"),
@@ -1215,7 +1324,7 @@ def _trained_template(tmp_path_factory, train_images):
     log_dir = str(tmp_path_factory.mktemp("trained") / "run")
     main = _script("image_train.py")["main"]
     argv = ["--data_dir", train_images, "--log_dir", log_dir, *TRAIN_TINY[:-2], "--max_steps", 2]
-    with logger.scoped_configure(dir=tempfile.mkdtemp(prefix="faults-logger-"), format_strs=[]):
+    with tempfile.TemporaryDirectory() as scratch, logger.scoped_configure(dir=scratch, format_strs=[]):
         main([str(a) for a in argv])
     assert _complete_steps(set(os.listdir(log_dir))) == [1, 2]
     return log_dir
@@ -1249,8 +1358,9 @@ def test_training_refuses_a_pickled_resume_checkpoint(tmp_path, capsys, train_im
     marker = tmp_path / "ran"
     target = os.path.join(trained_run, "model000002.pt")
     _evil_checkpoint(target, marker, fileio.safe_torch_load(target))
-    code, err, _ = _train(tmp_path, capsys, train_images, "--resume_checkpoint", target, "--max_steps", 3,
-                          log_dir=trained_run)
+    code, err, _ = _train(
+        tmp_path, capsys, train_images, "--resume_checkpoint", target, "--max_steps", 3, log_dir=trained_run
+    )
     assert code == 2 and f"refusing to load {target}" in _one_line(err)
     code, err, _ = _train(tmp_path, capsys, train_images, "--max_steps", 3, log_dir=trained_run)  # auto
     assert code == 0, err
@@ -1329,7 +1439,8 @@ def test_other_scripts_refuse_a_pickled_model(script_inputs, tmp_path, capsys, s
 def test_full_disk_while_writing_samples(script_inputs, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(fileio, "atomic_write", _DiskFull(fileio.atomic_write, "samples_"))
     log_dir = tmp_path / "log"
-    code, err = _run_script("image_sample.py", _base_argv("image_sample.py", script_inputs) + ["--log_dir", log_dir], capsys)
+    argv = _base_argv("image_sample.py", script_inputs) + ["--log_dir", log_dir]
+    code, err = _run_script("image_sample.py", argv, capsys)
     line = [x for x in err.replace("\r", "\n").splitlines() if x.strip()][-1]  # after the progress bars
     assert line.startswith("error: could not write") and err.count("error:") == 1, err
     assert code == 2 and "samples_1x8x8x3.npz" in line and "No space left" in line, line
@@ -1349,7 +1460,7 @@ def _resume_outcome(tmp_path, capsys, train_images, log_dir, *extra):
     return code, err, resumed, log
 
 
-@pytest.mark.xfail(strict=True, reason="F6: a new --ema_rate makes every checkpoint 'incomplete': silent restart from scratch")
+@pytest.mark.xfail(strict=True, reason="F6: a new --ema_rate makes every checkpoint 'incomplete': silent restart")
 def test_adding_an_ema_rate_on_resume_keeps_the_run(tmp_path, capsys, train_images, trained_run):
     code, err, resumed, log = _resume_outcome(tmp_path, capsys, train_images, trained_run, "--ema_rate", "0.9,0.99")
     # acceptable: resume from step 2 (the new EMA starts from the weights), or a one-line refusal

@@ -160,9 +160,8 @@ def main():
             _child(main_fn, argv, run, log_path)
         status = _supervise(pid, run, plan["log_dir"], started, plan.get("timeout", 60))
         code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-        results.append(
-            dict(run=run, status=code, seconds=round(time.time() - started, 3), files=_listing(plan["log_dir"]), log=log_path)
-        )
+        seconds = round(time.time() - started, 3)
+        results.append(dict(run=run, status=code, seconds=seconds, files=_listing(plan["log_dir"]), log=log_path))
     with open(plan["out"], "w") as f:
         json.dump(results, f, indent=1)
 
