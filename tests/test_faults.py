@@ -1510,3 +1510,43 @@ def test_broken_args_json_is_one_line(script_inputs, tmp_path, capsys, case):
     line = _one_line(err)
     assert code == 2 and re.search(match.replace("{path}", re.escape(path)), line), line
     assert not log_dir.exists()
+
+
+def _terminate_after_rows(command, env, out, csv, rows):
+    """Start ``command``, SIGTERM it once ``csv`` has ``rows`` data rows; return (status, output)."""
+    proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.time() + MPI_PROMPT_S
+        while time.time() < deadline and proc.poll() is None:
+            if csv.exists() and len(csv.read_text().splitlines()) > rows:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=MPI_PROMPT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out.seek(0)
+    return code, out.read()
+
+
+@pytest.mark.mpi
+@_needs_script("image_train.py")
+def test_sigterm_to_mpiexec_saves_on_every_rank_then_resumes(tmp_path):
+    """Preemption of a two-rank job: mpiexec forwards SIGTERM, both ranks stop at one step and save."""
+    data = _image_folder(tmp_path, {"a.png": GOOD_PNG, "b.png": GOOD_PNG})
+    log_dir = tmp_path / "run"
+    argv = ["--data_dir", data, "--log_dir", log_dir, *TRAIN_TINY, "--save_interval", 100000]
+    command = [_mpiexec(), "-n", "2", sys.executable, os.path.join(SCRIPTS, "image_train.py"), *map(str, argv)]
+    env = _subprocess_env(IDDPM_DIST_TIMEOUT="120")
+    with open(tmp_path / "out.txt", "w+") as out:
+        code, text = _terminate_after_rows(command, env, out, log_dir / "progress.csv", rows=2)
+    match = re.search(r"stopping on signal 15 at step (\d+)", text)
+    assert code in (0, 128 + signal.SIGTERM) and match and text.count("stopping on signal") == 1, text[-3000:]
+    step = int(match.group(1))
+    assert _complete_steps(set(os.listdir(log_dir))) == [step]
+    resumed = subprocess.run(
+        command + ["--max_steps", str(step + 1)], capture_output=True, text=True, env=env, timeout=MPI_PROMPT_S + 60
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"(step {step})" in resumed.stdout and _complete_steps(set(os.listdir(log_dir))) == [step, step + 1]
