@@ -12,7 +12,7 @@ import io
 import json
 import os
 import tempfile
-from typing import Any, Callable, BinaryIO
+from typing import Any, BinaryIO, Callable, Iterable
 
 import numpy as np
 import torch
@@ -109,3 +109,24 @@ def torch_load_bytes(data: bytes, path: str, **kwargs: Any) -> Any:
 def safe_torch_load(path: str, **kwargs: Any) -> Any:
     """``torch.load(path, weights_only=True)`` with one-line errors naming the file."""
     return torch_load_bytes(read_bytes(path), path, **kwargs)
+
+
+def remove_stale_temporaries(folder: str, names: Iterable[str] = ("model", "ema_", "opt", "state")) -> int:
+    """
+    Delete temporaries left by writes that were killed mid-way (``.tmp-<name>...`` files made by
+    :func:`atomic_write`) whose destination name starts with one of ``names``. Call it from the
+    one process that writes, before writing. Returns how many files were removed.
+    """
+    removed = 0
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return 0
+    for entry in entries:
+        if entry.startswith(TMP_PREFIX) and entry[len(TMP_PREFIX) :].startswith(tuple(names)):
+            try:
+                os.remove(os.path.join(folder, entry))
+                removed += 1
+            except OSError:
+                pass
+    return removed
