@@ -177,18 +177,54 @@ def create_model(
     channel_mult: str = "",
 ) -> UNetModel:
     """Build the attention UNet of [IDDPM App. A] from flags (3 input channels, 3 or 6 output)."""
-    _check_positive(image_size=image_size, num_channels=num_channels, num_res_blocks=num_res_blocks)
+    return _build_unet(
+        UNetModel,
+        image_size,
+        "image_size",
+        num_channels=num_channels,
+        num_res_blocks=num_res_blocks,
+        learn_sigma=learn_sigma,
+        class_cond=class_cond,
+        use_checkpoint=use_checkpoint,
+        attention_resolutions=attention_resolutions,
+        num_heads=num_heads,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        dropout=dropout,
+        channel_mult=channel_mult,
+    )
+
+
+def _build_unet(
+    cls: type,
+    size: int,
+    size_flag: str,
+    *,
+    num_channels: int,
+    num_res_blocks: int,
+    learn_sigma: bool,
+    class_cond: bool,
+    use_checkpoint: bool,
+    attention_resolutions: str,
+    num_heads: int,
+    num_heads_upsample: int,
+    use_scale_shift_norm: bool,
+    dropout: float,
+    channel_mult: str,
+) -> UNetModel:
+    """Validate the model flags and build ``cls`` (UNetModel or SuperResModel) for side ``size``."""
+    _check_positive(**{size_flag: size}, num_channels=num_channels, num_res_blocks=num_res_blocks)
     _check_positive(num_heads=num_heads)
     if not 0.0 <= dropout < 1.0:
         raise UserError(f"--dropout {dropout}: must be in [0, 1)")
-    return UNetModel(
+    return cls(
         in_channels=3,
         model_channels=num_channels,
         out_channels=(3 if not learn_sigma else 6),
         num_res_blocks=num_res_blocks,
-        attention_resolutions=attention_downsample_factors(attention_resolutions, image_size),
+        attention_resolutions=attention_downsample_factors(attention_resolutions, size),
         dropout=dropout,
-        channel_mult=channel_mult_for(image_size, channel_mult),
+        channel_mult=channel_mult_for(size, channel_mult, flag=size_flag),
         num_classes=(NUM_CLASSES if class_cond else None),
         use_checkpoint=use_checkpoint,
         num_heads=num_heads,
@@ -277,25 +313,24 @@ def sr_create_model(
     channel_mult: str = "",
 ) -> SuperResModel:
     """Build the super-resolution UNet (low-resolution input upsampled and concatenated)."""
-    _check_positive(large_size=large_size, small_size=small_size, num_channels=num_channels)
-    _check_positive(num_res_blocks=num_res_blocks, num_heads=num_heads)
+    _check_positive(small_size=small_size)
     if small_size >= large_size:
         raise UserError(f"--small_size {small_size} must be smaller than --large_size {large_size}")
-    if not 0.0 <= dropout < 1.0:
-        raise UserError(f"--dropout {dropout}: must be in [0, 1)")
-    return SuperResModel(
-        in_channels=3,
-        model_channels=num_channels,
-        out_channels=(3 if not learn_sigma else 6),
+    return _build_unet(
+        SuperResModel,
+        large_size,
+        "large_size",
+        num_channels=num_channels,
         num_res_blocks=num_res_blocks,
-        attention_resolutions=attention_downsample_factors(attention_resolutions, large_size),
-        dropout=dropout,
-        channel_mult=channel_mult_for(large_size, channel_mult, flag="large_size"),
-        num_classes=(NUM_CLASSES if class_cond else None),
+        learn_sigma=learn_sigma,
+        class_cond=class_cond,
         use_checkpoint=use_checkpoint,
+        attention_resolutions=attention_resolutions,
         num_heads=num_heads,
         num_heads_upsample=num_heads_upsample,
         use_scale_shift_norm=use_scale_shift_norm,
+        dropout=dropout,
+        channel_mult=channel_mult,
     )
 
 
