@@ -15,7 +15,9 @@ shard smaller than the batch still works. Worker processes (``num_workers``) dec
 the training loop; a bad file still gives a one-line :class:`UserError` naming it.
 """
 
+import atexit
 import os
+import signal
 import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -205,6 +207,15 @@ def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
     return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """
+    Decoding workers leave SIGINT / SIGTERM to the training process, which saves a checkpoint
+    at the next step and then shuts them down (a job scheduler signals every process).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class _LoadError:
     """A picklable stand-in for a batch that failed to load in a worker process."""
 
@@ -346,6 +357,7 @@ class ImageLoader:
             # Its own generator: starting an iterator (as a resume does) must not draw from
             # the global torch RNG, or the training noise after a resume would differ.
             generator=torch.Generator().manual_seed(seed),
+            worker_init_fn=_ignore_stop_signals if num_workers > 0 else None,
         )
         self.position = 0
         self._iter: Optional[Iterator[Any]] = None
@@ -357,6 +369,8 @@ class ImageLoader:
         if self._iter is None:
             self.stream.start = self.position
             self._iter = iter(self.loader)
+            if self.loader.num_workers > 0:
+                _LIVE_ITERATORS.add(self._iter)
         batch = next(self._iter)
         if isinstance(batch, _LoadError):
             raise UserError(batch.message)
@@ -371,4 +385,32 @@ class ImageLoader:
     def load_state_dict(self, state: Dict[str, int]) -> None:
         """Continue from a saved position (the next batch is the one after the saved ones)."""
         self.position = int(state["position"])
-        self._iter = None
+        self.close()
+
+    def close(self) -> None:
+        """Stop the decoding workers, if any (the next batch starts them again)."""
+        iterator, self._iter = self._iter, None
+        if iterator in _LIVE_ITERATORS:
+            _LIVE_ITERATORS.discard(iterator)
+            _shutdown_iterator(iterator)
+
+    def __del__(self) -> None:
+        self.close()
+
+
+# Iterators with worker processes, held strongly until closed: a loader dropped inside a
+# reference cycle (say, a traceback) would otherwise be collected with the iterator's queues
+# already finalised, so its workers never hear "stop" and, since they ignore SIGTERM, never end.
+_LIVE_ITERATORS: set = set()
+
+
+def _shutdown_iterator(iterator: Any) -> None:
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
+@atexit.register  # registered after torch's and multiprocessing's exit hooks, so it runs before them
+def _shutdown_live_iterators() -> None:
+    while _LIVE_ITERATORS:
+        _shutdown_iterator(_LIVE_ITERATORS.pop())

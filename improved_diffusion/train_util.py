@@ -62,8 +62,22 @@ class TrainLoop:
     """
     Train ``model`` on batches from ``data`` with the losses of ``diffusion``.
 
-    Arguments of the original keep their meaning; the new keyword options are:
-
+    :param model: the network; its weights stay float32 (checkpoints load into the original).
+    :param diffusion: provides ``training_losses`` and ``num_timesteps``.
+    :param data: endless iterator of ``(images (N, C, H, W), model_kwargs)``; if it has
+        ``state_dict``/``load_state_dict`` (as :func:`image_datasets.load_data`'s loader does),
+        its position is saved and restored.
+    :param batch_size: images per step and process; ``microbatch`` (-1 = whole batch) splits it
+        into chunks whose gradients accumulate into one step.
+    :param lr: AdamW learning rate, annealed linearly to 0 over ``lr_anneal_steps`` (0 = constant,
+        and no end); ``weight_decay`` is AdamW's.
+    :param ema_rate: one rate or a comma-separated list (``"0.9999,0.999"``).
+    :param log_interval: steps between log rows; ``save_interval``: steps between checkpoints
+        (0 = only at the end).
+    :param resume_checkpoint: ``""``, a ``modelNNNNNN.pt`` path, or ``"auto"``.
+    :param use_fp16: float16 autocast with loss scaling (bfloat16 on a CPU); the scale's log2
+        grows by ``fp16_scale_growth`` per good step.
+    :param schedule_sampler: timestep sampler (default uniform).
     :param use_bf16: bfloat16 autocast for the network's forward (no loss scaling).
     :param max_steps: stop after this many steps in total (0 = no limit).
     :param log_dir: checkpoint folder (default ``logger.get_dir()``).

@@ -1,5 +1,7 @@
 """Tests of the training image loader: listing, labels, sharding, preprocessing, errors, resume."""
 
+import gc
+import multiprocessing
 import numpy as np
 import pytest
 import torch
@@ -139,6 +141,9 @@ def test_worker_error_is_one_line(folder):
     with pytest.raises(UserError, match=r"^could not read image .*zz_empty\.png: the file is empty") as info:
         next(data)
     assert "\n" not in str(info.value)
+    del data, info  # the traceback kept the loader in a reference cycle ...
+    gc.collect()
+    assert multiprocessing.active_children() == []  # ... and its worker still stopped
 
 
 @pytest.mark.parametrize(

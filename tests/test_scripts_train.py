@@ -170,9 +170,13 @@ def test_bad_flags_exit_2_with_one_line(isolated, image_train, images, tmp_path,
 
 
 def test_command_line_run_sigterm_and_resume(isolated, image_train, images, tmp_path):
-    """The real command: trains until SIGTERM, saves a complete checkpoint, exits 128+15."""
+    """
+    The real command, with decoding workers: SIGTERM to the whole process group (as a job
+    scheduler sends it) saves a complete checkpoint, and the run exits 128+15 without hanging.
+    """
     log_dir = str(tmp_path / "log")
     argv = ["--data_dir", images, "--image_size", "16", "--log_dir", log_dir, *TINY, "--save_interval", "1"]
+    argv += ["--num_workers", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENAI_LOG_FORMAT="stdout,log")
     proc = subprocess.Popen(
         [sys.executable, os.path.join(REPO, "scripts", "image_train.py"), *argv],
@@ -180,6 +184,7 @@ def test_command_line_run_sigterm_and_resume(isolated, image_train, images, tmp_
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        start_new_session=True,
     )
     try:
         deadline = time.time() + 120
@@ -187,11 +192,11 @@ def test_command_line_run_sigterm_and_resume(isolated, image_train, images, tmp_
             assert proc.poll() is None, proc.communicate()[1][-2000:]
             assert time.time() < deadline, "no checkpoint within 120 s"
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # the run and its workers
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "stopping on signal 15" in out
     states = sorted(f for f in os.listdir(log_dir) if f.startswith("state"))
