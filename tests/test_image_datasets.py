@@ -2,6 +2,7 @@
 
 import gc
 import multiprocessing
+
 import numpy as np
 import pytest
 import torch
