@@ -84,6 +84,7 @@ class Variant:
     :param fused_adamw: ``AdamW(fused=True)`` instead of the training loop's optimizer.
     :param compile: ``torch.compile`` the network.
     :param amp: autocast dtype, ``"bf16"`` or ``"fp16"``; None = float32.
+    :param malloc_cache: ``nn.cache_freed_memory`` on (what the scripts do) or off.
     """
 
     name: str
@@ -92,6 +93,7 @@ class Variant:
     fused_adamw: bool = False
     compile: bool = False
     amp: Optional[str] = None
+    malloc_cache: bool = False
 
 
 def _switch_names() -> List[str]:
@@ -113,16 +115,20 @@ def make_variants(args: argparse.Namespace, device: torch.device) -> Dict[str, V
     if "channels_last" not in off:
         variants.append(Variant("channels_last", off, channels_last=True))
     variants.append(Variant("fused_adamw", off, fused_adamw=True))
+    variants.append(Variant("malloc_cache", off, malloc_cache=True))
     if args.compile:
         variants.append(Variant("compile", off, compile=True))
     if _native_bf16(device) or args.bf16:
         variants.append(Variant("bf16", off, amp="bf16"))
     if device.type == "cuda":
         variants.append(Variant("fp16", off, amp="fp16"))
-    variants.append(Variant("default", {}, channels_last=None))
-    variants.append(Variant("best", {}, channels_last=True, fused_adamw=True, compile=args.compile))
+    # The scripts' defaults: speed switches as the library sets them, freed memory cached.
+    variants.append(Variant("default", {}, channels_last=None, malloc_cache=True))
+    variants.append(
+        Variant("best", {}, channels_last=True, fused_adamw=True, compile=args.compile, malloc_cache=True)
+    )
     if device.type == "cuda" and args.compile:
-        variants.append(Variant("bf16_sdpa_compile", dict(off, sdpa=True), amp="bf16", compile=True))
+        variants.append(Variant("bf16_sdpa_compile", dict(off, sdpa=True), amp="bf16", compile=True, malloc_cache=True))
     chosen = {v.name: v for v in variants}
     if args.variants:
         wanted = ["plain"] + [n for n in args.variants.split(",") if n and n != "plain"]
@@ -231,7 +237,14 @@ def _build(flags: Dict[str, Any], **overrides: Any):
     all_flags = model_and_diffusion_defaults()
     all_flags.update(flags, **overrides)
     torch.manual_seed(0)
-    return create_model_and_diffusion(**all_flags)
+    model, diffusion = create_model_and_diffusion(**all_flags)
+    # A fresh UNet's zero-initialised output layers make its output exactly 0 whatever the
+    # precision; small random values there give representative numbers (bf16 loss difference).
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.any():
+                param.normal_(0.0, 0.02)
+    return model, diffusion
 
 
 def _channels_last(variant: Variant) -> bool:
@@ -239,8 +252,27 @@ def _channels_last(variant: Variant) -> bool:
     return bool(variant.channels_last)
 
 
+def _compile(model: torch.nn.Module, enabled: bool) -> None:
+    """What ``image_train.py --compile True`` does: ``torch.compile`` in place, eager fallback."""
+    if enabled:
+        from improved_diffusion.train_setup import compile_model
+
+        compile_model(model, True)
+
+
+def _in_variant(variant: Variant, fn: Callable[[], Any]) -> Callable[[], None]:
+    """``fn`` under the variant's process-wide settings: speed switches and allocator caching."""
+
+    def run() -> None:
+        inn.cache_freed_memory(variant.malloc_cache)
+        with inn.speed_switches(**variant.switches):
+            fn()
+
+    return run
+
+
 class _Inference(torch.nn.Module):
-    """A model call with the variant's layout, autocast and switches; float32 output."""
+    """A model call with the variant's layout and autocast; float32 output."""
 
     def __init__(self, model: torch.nn.Module, variant: Variant, device: torch.device):
         super().__init__()
@@ -248,20 +280,23 @@ class _Inference(torch.nn.Module):
         self.channels_last = _channels_last(variant)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.model = torch.compile(model) if variant.compile else model
+        _compile(model, variant.compile)
+        self.model = model
         self.precision = MixedPrecision(device, use_fp16=variant.amp == "fp16", use_bf16=variant.amp == "bf16")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with inn.speed_switches(**self.variant.switches), self.precision.autocast():
+        with self.precision.autocast():
             out = self.model(x, t, **kwargs)
         return out.float()
 
 
 def _inference_models(model: torch.nn.Module, variants: Dict[str, Variant], device: torch.device):
+    """One wrapped copy of ``model`` per variant, skipping those that differ only in the optimizer."""
     model = model.to(device).eval()  # sampling and NLL: no dropout
-    return {name: _Inference(copy.deepcopy(model), v, device) for name, v in variants.items()}
+    wanted = {n: v for n, v in variants.items() if n in ("plain", "best") or not v.fused_adamw}
+    return {name: _Inference(copy.deepcopy(model), v, device) for name, v in wanted.items()}
 
 
 def _train_loop(model: torch.nn.Module, diffusion: Any, variant: Variant, batch_size: int, log_dir: str) -> TrainLoop:
@@ -288,9 +323,9 @@ def _train_loop(model: torch.nn.Module, diffusion: Any, variant: Variant, batch_
     for name in ("compile", "fused_adamw"):
         if name in options and getattr(variant, name):
             kwargs[name] = True
+    if "compile" not in options:
+        _compile(model, variant.compile)
     loop = TrainLoop(**kwargs)
-    if variant.compile and "compile" not in options:
-        loop.ddp_model = torch.compile(loop.ddp_model)
     if variant.fused_adamw and "fused_adamw" not in options:
         loop.opt = torch.optim.AdamW(loop.params, lr=loop.lr, weight_decay=loop.weight_decay, fused=True)
     return loop
@@ -307,17 +342,10 @@ def bench_train(args, device, variants, configs) -> None:
         batch = torch.rand(batch_size, 3, flags["image_size"], flags["image_size"]) * 2 - 1
         tasks = {}
         with tempfile.TemporaryDirectory() as log_dir, logger.scoped_configure(dir=log_dir, format_strs=["log"]):
-            loops = {}
             for name, variant in variants.items():
-                loops[name] = loop = _train_loop(copy.deepcopy(model), diffusion, variant, batch_size, log_dir)
+                loop = _train_loop(copy.deepcopy(model), diffusion, variant, batch_size, log_dir)
                 loop.model.train()  # dropout on, as in run_loop
-                switches = variant.switches
-
-                def task(loop=loop, switches=switches):
-                    with inn.speed_switches(**switches):
-                        loop.run_step(batch, {})
-
-                tasks[name] = task
+                tasks[name] = _in_variant(variant, lambda loop=loop: loop.run_step(batch, {}))
             stats = measure(tasks, device, args.repeats, args.warmup)
         record = _header("train", args, device)
         record.update(config=config_name, flags=flags, batch_size=batch_size, unit="images/s")
@@ -339,7 +367,8 @@ def bench_sample_step(args, device, variants, configs) -> None:
         with torch.no_grad():
             diffusion.p_sample(m, x, t)
 
-    stats = measure({n: (lambda m=m: step(m)) for n, m in models.items()}, device, args.repeats, args.warmup)
+    tasks = {n: _in_variant(m.variant, lambda m=m: step(m)) for n, m in models.items()}
+    stats = measure(tasks, device, args.repeats, args.warmup)
     record = _header("sample_step", args, device)
     record.update(config="small", batch_size=batch_size, num_timesteps=diffusion.num_timesteps, unit="s/step")
     record["results"] = _with_ratios(stats)
@@ -360,7 +389,8 @@ def bench_sample_loop(args, device, variants, configs) -> None:
         torch.manual_seed(0)
         diffusion.p_sample_loop(m, shape, noise=noise, device=device)
 
-    stats = measure({n: (lambda m=m: loop(m)) for n, m in models.items()}, device, args.repeats, args.warmup)
+    tasks = {n: _in_variant(m.variant, lambda m=m: loop(m)) for n, m in models.items()}
+    stats = measure(tasks, device, args.repeats, args.warmup)
     record = _header("sample_loop", args, device)
     record.update(config="small", batch_size=batch_size, num_timesteps=diffusion.num_timesteps, unit="s/loop")
     record["results"] = _with_ratios(stats)
@@ -381,9 +411,9 @@ def bench_nll(args, device, variants, configs) -> None:
         with torch.no_grad():
             outputs[name] = diffusion.calc_bpd_loop(plain, x_start, timestep_batch=k)
 
-    tasks = {"plain": lambda: bpd("plain", 1)}
+    tasks = {"plain": _in_variant(plain.variant, lambda: bpd("plain", 1))}
     for k in args.timestep_batch:
-        tasks[f"timestep_batch_{k}"] = lambda k=k: bpd(f"timestep_batch_{k}", k)
+        tasks[f"timestep_batch_{k}"] = _in_variant(plain.variant, lambda k=k: bpd(f"timestep_batch_{k}", k))
     stats = measure(tasks, device, args.repeats, args.warmup)
     record = _header("nll", args, device)
     record.update(config="small", images=images, num_timesteps=diffusion.num_timesteps, unit="s/loop")
@@ -411,7 +441,8 @@ def bench_bf16(args, device, variants, configs) -> None:
         with torch.no_grad():
             losses[name] = diffusion.training_losses(models[name], x, t, noise=noise)["loss"]
 
-    stats = measure({n: (lambda n=n: loss(n)) for n in models}, device, max(1, args.repeats // 2), 1)
+    tasks = {n: _in_variant(m.variant, lambda n=n: loss(n)) for n, m in models.items()}
+    stats = measure(tasks, device, max(1, args.repeats // 2), 1)
     record = _header("bf16", args, device)
     record.update(config="small", batch_size=batch_size, native_bf16=_native_bf16(device), unit="s/forward+loss")
     record["results"] = _with_ratios(stats, images=batch_size)
