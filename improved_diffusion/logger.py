@@ -58,7 +58,7 @@ class _Output:
     def close(self) -> None:
         if self._owned:
             self.file.close()
-        else:
+        elif not getattr(self.file, "closed", False):  # a borrowed stream someone else may have closed
             self.file.flush()
 
 
