@@ -82,6 +82,7 @@ class _Payload:
         return (os.system, ("touch should-not-exist",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickled_objects_are_refused_and_never_run(folder, monkeypatch):
     monkeypatch.chdir(folder)
     evil = folder / "evil.pt"
