@@ -6,16 +6,17 @@ optional speed switches (``--channels_last``, ``--compile``).
 
 import argparse
 import random
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Iterator, Tuple
 
 import numpy as np
 import torch
 
-from . import logger
+from . import dist_util, logger
 from .errors import UserError
-from .resample import SCHEDULE_SAMPLERS
-from .script_util import check_choice
-from .train_util import AUTO_RESUME, check_train_settings, parse_ema_rates
+from .image_datasets import list_image_files
+from .resample import SCHEDULE_SAMPLERS, create_named_schedule_sampler
+from .script_util import check_choice, save_args_json
+from .train_util import AUTO_RESUME, TrainLoop, check_train_settings, parse_ema_rates
 
 
 def training_defaults() -> Dict[str, Any]:
@@ -108,3 +109,43 @@ def compile_model(model: torch.nn.Module, enabled: bool) -> None:
         logger.log("--compile: the model runs through torch.compile (eager fallback on errors)")
     except Exception as exc:  # an old torch or a platform without a compiler backend
         logger.log(f"warning: --compile: torch.compile is unavailable ({exc}); running eagerly")
+
+
+def run_training(
+    args: argparse.Namespace,
+    build: Callable[[], Tuple[torch.nn.Module, Any]],
+    make_data: Callable[[], Iterator],
+) -> int:
+    """
+    The training scripts' shared body: check every flag and the data folder, build the model
+    and diffusion with ``build()`` (which checks the model flags) before any folder is created
+    or process group joined, then set up ranks and logging, load data with ``make_data()``,
+    resume, save ``args.json`` and train.
+
+    :return: the signal number that stopped training (0 when it ended by itself).
+    """
+    validate_training_args(args)
+    list_image_files(args.data_dir)
+    seed_everything(args.seed)  # the same initial weights on every rank
+    model, diffusion = build()
+    schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
+
+    dist_util.setup_dist()
+    with dist_util.abort_on_error():
+        logger.configure(dir=args.log_dir or None)
+        seed_everything(args.seed, dist_util.get_rank())  # each rank draws its own noise and timesteps
+        model.to(dist_util.dev())
+        compile_model(model, args.compile)
+
+        logger.log("creating data loader...")
+        data = make_data()
+
+        # Resuming happens here, so a checkpoint contradicting the flags leaves args.json alone.
+        loop = TrainLoop(
+            model=model, diffusion=diffusion, data=data, schedule_sampler=schedule_sampler, **train_loop_kwargs(args)
+        )
+        if dist_util.is_main_process():
+            save_args_json(args, logger.get_dir())
+        logger.log("training...")
+        loop.run_loop()
+    return loop.stop_signal or 0
