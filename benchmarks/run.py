@@ -84,7 +84,6 @@ class Variant:
     :param fused_adamw: ``AdamW(fused=True)`` instead of the training loop's optimizer.
     :param compile: ``torch.compile`` the network.
     :param amp: autocast dtype, ``"bf16"`` or ``"fp16"``; None = float32.
-    :param malloc_cache: ``nn.cache_freed_memory`` on (what the scripts do) or off.
     """
 
     name: str
@@ -93,7 +92,6 @@ class Variant:
     fused_adamw: bool = False
     compile: bool = False
     amp: Optional[str] = None
-    malloc_cache: bool = False
 
 
 def _switch_names() -> List[str]:
@@ -115,20 +113,16 @@ def make_variants(args: argparse.Namespace, device: torch.device) -> Dict[str, V
     if "channels_last" not in off:
         variants.append(Variant("channels_last", off, channels_last=True))
     variants.append(Variant("fused_adamw", off, fused_adamw=True))
-    variants.append(Variant("malloc_cache", off, malloc_cache=True))
     if args.compile:
         variants.append(Variant("compile", off, compile=True))
     if _native_bf16(device) or args.bf16:
         variants.append(Variant("bf16", off, amp="bf16"))
     if device.type == "cuda":
         variants.append(Variant("fp16", off, amp="fp16"))
-    # The scripts' defaults: speed switches as the library sets them, freed memory cached.
-    variants.append(Variant("default", {}, channels_last=None, malloc_cache=True))
-    variants.append(
-        Variant("best", {}, channels_last=True, fused_adamw=True, compile=args.compile, malloc_cache=True)
-    )
+    variants.append(Variant("default", {}, channels_last=None))
+    variants.append(Variant("best", {}, channels_last=True, fused_adamw=True, compile=args.compile))
     if device.type == "cuda" and args.compile:
-        variants.append(Variant("bf16_sdpa_compile", dict(off, sdpa=True), amp="bf16", compile=True, malloc_cache=True))
+        variants.append(Variant("bf16_sdpa_compile", dict(off, sdpa=True), amp="bf16", compile=True))
     chosen = {v.name: v for v in variants}
     if args.variants:
         wanted = ["plain"] + [n for n in args.variants.split(",") if n and n != "plain"]
@@ -261,10 +255,9 @@ def _compile(model: torch.nn.Module, enabled: bool) -> None:
 
 
 def _in_variant(variant: Variant, fn: Callable[[], Any]) -> Callable[[], None]:
-    """``fn`` under the variant's process-wide settings: speed switches and allocator caching."""
+    """``fn`` under the variant's speed switches."""
 
     def run() -> None:
-        inn.cache_freed_memory(variant.malloc_cache)
         with inn.speed_switches(**variant.switches):
             fn()
 

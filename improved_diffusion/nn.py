@@ -9,12 +9,9 @@ Mixed precision: every layer here works under ``torch.autocast`` (float16 or bfl
 """
 
 import contextlib
-import ctypes
 import dataclasses
-import functools
 import math
-import platform
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -66,44 +63,6 @@ def speed_switches(**switches: bool) -> Iterator[SpeedSwitches]:
 def speed_switches_summary() -> str:
     """One line describing the current speed switches, for the log."""
     return "speed switches: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(SPEED).items())
-
-
-# glibc's mallopt parameters (malloc.h) and the values used by cache_freed_memory.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_GLIBC_DEFAULTS = (128 * 1024, 128 * 1024)  # (mmap threshold, trim threshold), bytes
-_CACHING = (32 * 1024 * 1024, 1024 * 1024 * 1024)  # 32 MiB is the largest mmap threshold glibc accepts
-
-
-@functools.lru_cache(maxsize=None)
-def _glibc() -> Optional[ctypes.CDLL]:
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def cache_freed_memory(enabled: bool = True) -> bool:
-    """
-    Keep freed CPU memory in the process for reuse instead of handing it back to the OS.
-
-    glibc's allocator serves each block above 128 KiB with a fresh ``mmap`` and unmaps it when
-    freed, so every CPU training or sampling step page-faults and zeroes its activations anew
-    (on a 2-core AVX2 machine: ~1.1-1.3x of the step, see benchmarks/README.md). Raising the
-    mmap threshold to 32 MiB and the trim threshold to 1 GiB keeps those blocks in the heap.
-    Results are unchanged; resident memory stays near its peak. A process-wide setting: scripts
-    call it once in ``main()``. Only glibc (Linux) processes are affected; elsewhere a no-op.
-
-    :param enabled: True to cache; False to restore glibc's default thresholds.
-    :return: True if the setting was applied.
-    """
-    libc = _glibc()
-    if libc is None:
-        return False
-    mmap_threshold, trim_threshold = _CACHING if enabled else _GLIBC_DEFAULTS
-    applied = libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
-    return bool(applied)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,5 @@
 """Tests for improved_diffusion.nn: embedding and mean_flat against golden vectors, layers, checkpointing."""
 
-import platform
-
 import pytest
 import torch
 import torch.nn as nn
@@ -119,13 +117,3 @@ def test_speed_switches_context_restores_and_rejects_unknown():
     assert inn.SPEED.sdpa
     with pytest.raises(ValueError, match="unknown speed switch 'flash' \\(known: sdpa\\)"):
         inn.set_speed_switches(flash=True)
-
-
-def test_cache_freed_memory_applies_on_glibc_and_changes_no_numbers():
-    x = torch.randn(64, 64, 32, 32)  # 16 MiB: above glibc's default mmap threshold
-    expected = F.silu(x)
-    try:
-        assert inn.cache_freed_memory(True) == (platform.libc_ver()[0] == "glibc")
-        torch.testing.assert_close(F.silu(x), expected, rtol=0, atol=0)
-    finally:
-        inn.cache_freed_memory(False)
