@@ -423,7 +423,8 @@ def bench_bf16(args, device, variants, configs) -> None:
     batch_size = min(batch_size, 2 if not _native_bf16(device) else batch_size)  # slow without native bf16
     model, diffusion = _build(flags)
     off = variants["plain"].switches
-    models = _inference_models(model, {"plain": Variant("plain", off), "bf16": Variant("bf16", off, amp="bf16")}, device)
+    pair = {"plain": Variant("plain", off), "bf16": Variant("bf16", off, amp="bf16")}
+    models = _inference_models(model, pair, device)
     gen = torch.Generator().manual_seed(1)
     x = (torch.rand(batch_size, 3, flags["image_size"], flags["image_size"], generator=gen) * 2 - 1).to(device)
     noise = torch.randn(x.shape, generator=gen).to(device)
@@ -487,7 +488,9 @@ RUNNERS = dict(
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repetition: a smoke test")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for every benchmark (default 2, 1 with --quick)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads for every benchmark (default 2, 1 with --quick)"
+    )
     parser.add_argument("--only", default="", help=f"comma list of benchmarks, from {','.join(BENCHMARKS)}")
     parser.add_argument("--configs", default="small,cifar10", help="training configs: small,cifar10")
     parser.add_argument("--variants", default="", help="comma list of variants (plain is always included)")
