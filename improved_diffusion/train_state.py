@@ -81,11 +81,40 @@ def set_sampler_state(sampler: Any, state: Dict[str, Any]) -> None:
 
 def newest_complete_checkpoint(folder: str, ema_rates: Sequence[float]) -> Optional[int]:
     """
-    Step of the newest checkpoint in ``folder`` whose model, EMA, optimizer and train-state
-    files all exist and load; incomplete ones are skipped with a logged note.
+    Step of the newest checkpoint in ``folder`` whose model, optimizer and train-state files
+    exist and load (the state file is written last, so it marks a finished save). EMA files of
+    the given rates are loaded when present; one missing because ``--ema_rate`` gained a rate
+    does not disqualify the checkpoint (that EMA restarts from the weights). In a folder written
+    by the original code (no state files at all), model and optimizer suffice. Incomplete
+    checkpoints are skipped with a logged note.
     """
     if not os.path.isdir(folder):
         return None
+    names = set(os.listdir(folder))
+    steps = {int(n[5:-3]) for n in names if n.startswith("model") and n.endswith(".pt") and n[5:-3].isdigit()}
+    original_layout = not any(n.startswith("state") and n.endswith(".pt") for n in names)
+    for step in sorted(steps, reverse=True):
+        files = checkpoint_files(folder, step, ema_rates)
+        required = [files["model"], files["opt"]] + ([] if original_layout else [files["state"]])
+        missing = [p for p in required if not os.path.isfile(p)]
+        if missing:
+            logger.log(f"resume: skipping incomplete checkpoint {step}: missing {os.path.basename(missing[0])}")
+            continue
+        saved_rates: list = []
+        try:
+            for path in required + [p for p in files["ema"] if os.path.isfile(p)]:
+                loaded = safe_torch_load(path)
+                if path == files["state"] and isinstance(loaded, dict):
+                    saved_rates = [float(r) for r in loaded.get("ema_rate", [])]
+        except UserError as exc:
+            logger.log(f"resume: skipping checkpoint {step}: {exc}")
+            continue
+        lost = [p for r, p in zip(ema_rates, files["ema"]) if float(r) in saved_rates and not os.path.isfile(p)]
+        if lost:  # that save wrote this EMA: its file is gone, not merely new
+            logger.log(f"resume: skipping incomplete checkpoint {step}: missing {os.path.basename(lost[0])}")
+            continue
+        return step
+    return None
     steps = set()
     for name in os.listdir(folder):
         if name.startswith("model") and name.endswith(".pt") and name[5:-3].isdigit():

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from . import dist_util, logger
 from .errors import UserError
-from .fileio import atomic_torch_save
+from .fileio import atomic_torch_save, remove_stale_temporaries
 from .precision import MixedPrecision, grad_norm
 from .resample import LossAwareSampler, UniformSampler
 from .train_state import (
@@ -177,6 +177,10 @@ class TrainLoop:
         return resume, parse_resume_step_from_filename(os.path.basename(resume))
 
     def _load_resume_checkpoint(self) -> None:
+        if dist_util.get_rank() == 0:  # partial files of saves killed mid-write (SIGKILL, power loss)
+            removed = remove_stale_temporaries(self.log_dir)
+            if removed:
+                logger.log(f"removed {removed} temporary file(s) of interrupted saves from {self.log_dir}")
         path, step = self._resolve_resume()
         if path is None:
             return
