@@ -87,12 +87,16 @@ def run_step(title: str, argv: List[str], timings: Dict[str, float], threads: in
     """
     Print and run one command (with this Python), recording its wall time under ``title``.
 
-    :param threads: when positive, the command runs with ``OMP_NUM_THREADS`` set to it.
+    :param threads: when positive, the command runs with ``OMP_NUM_THREADS`` set to it, and with
+        ``OMP_WAIT_POLICY=PASSIVE`` (unless set) so idle threads sleep instead of spinning on a busy machine.
     """
     shown = [os.path.relpath(a) if a.endswith(".py") and os.path.isabs(a) else a for a in argv]
     prefix = f"OMP_NUM_THREADS={threads} " if threads > 0 else ""
     print(f"\n== {title}\n$ {prefix}python {shlex.join(shown)}", flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads > 0 else None
+    env = None
+    if threads > 0:
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     start = time.time()
     code = subprocess.run([sys.executable, *argv], check=False, env=env).returncode
     timings[title] = round(time.time() - start, 1)
@@ -134,7 +138,7 @@ def main() -> None:
     parser.add_argument(
         "--threads",
         type=int,
-        default=1,
+        default=min(2, os.cpu_count() or 1),
         help="OMP_NUM_THREADS for training and sampling (default: %(default)s; see datasets/README.md)",
     )
     args = parser.parse_args()
