@@ -28,6 +28,7 @@ import datetime
 import os
 import socket
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
@@ -404,6 +405,9 @@ def abort_job(exit_code: int = 1) -> None:
             pass
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is not None:
+        # MPI_Abort can tear down mpiexec's output forwarding before it has passed on what this
+        # rank just printed (fault F5): give it a moment.
+        time.sleep(0.5)
         mpi.COMM_WORLD.Abort(exit_code)
     os._exit(exit_code)
 
