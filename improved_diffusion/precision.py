@@ -67,6 +67,8 @@ class MixedPrecision:
             )
         elif use_bf16:
             self.dtype = torch.bfloat16
+            if self.device.type == "cpu" and log is not None and not cpu_has_fast_bf16():
+                log("warning: this CPU has no bfloat16 instructions (AVX-512 BF16 / AMX): bf16 will be slower than fp32")
 
     @property
     def enabled(self) -> bool:
@@ -133,3 +135,11 @@ def grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
     if not grads:
         return torch.zeros(())
     return torch.nn.utils.get_total_norm(grads, norm_type=2.0).float()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 natively on this CPU (AVX-512 BF16 or AMX); else it emulates it slowly."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False

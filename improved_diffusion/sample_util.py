@@ -155,7 +155,7 @@ def bf16_autocast(model: Callable[..., torch.Tensor], enabled: bool) -> Callable
         return model
     from .precision import MixedPrecision
 
-    precision = MixedPrecision(dist_util.dev(), use_bf16=True)
+    precision = MixedPrecision(dist_util.dev(), use_bf16=True, log=logger.log)
     logger.log(f"--use_bf16: the model runs under bfloat16 autocast on {dist_util.dev().type}")
 
     def call(x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
