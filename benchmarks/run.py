@@ -489,7 +489,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repetition: a smoke test")
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch.set_num_threads for every benchmark (default 2, 1 with --quick)"
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for every benchmark (default 2, 1 with --quick)",
     )
     parser.add_argument("--only", default="", help=f"comma list of benchmarks, from {','.join(BENCHMARKS)}")
     parser.add_argument("--configs", default="small,cifar10", help="training configs: small,cifar10")

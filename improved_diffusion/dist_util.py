@@ -83,9 +83,7 @@ def detect_launch(environ: Optional[Dict[str, str]] = None) -> LaunchInfo:
     for rank_var, size_var, local_var in _MPI_ENV_VARS:
         if rank_var in env and size_var in env:
             rank = _env_int(env, rank_var)
-            return LaunchInfo(
-                "mpi", rank, _env_int(env, size_var), _env_int(env, local_var, rank)
-            )
+            return LaunchInfo("mpi", rank, _env_int(env, size_var), _env_int(env, local_var, rank))
     return LaunchInfo("none", 0, 1, 0)
 
 
@@ -114,9 +112,7 @@ def _timeout(timeout: Union[None, float, datetime.timedelta]) -> datetime.timede
     return datetime.timedelta(seconds=timeout)
 
 
-def setup_dist(
-    timeout: Union[None, float, datetime.timedelta] = None, backend: Optional[str] = None
-) -> None:
+def setup_dist(timeout: Union[None, float, datetime.timedelta] = None, backend: Optional[str] = None) -> None:
     """
     Initialise ``torch.distributed`` for however the script was launched; calling it again
     does nothing.
@@ -176,9 +172,7 @@ def _mpi_rendezvous(info: LaunchInfo, timeout: datetime.timedelta):
     if info.rank == 0:
         host = "127.0.0.1" if single_host else _host_address()
         # Port 0: the OS picks a free port, so two jobs on one machine never collide.
-        store = dist.TCPStore(
-            host, 0, info.world_size, True, timeout=timeout, wait_for_workers=False
-        )
+        store = dist.TCPStore(host, 0, info.world_size, True, timeout=timeout, wait_for_workers=False)
         address = (host, store.port)
     host, port = comm.bcast(address, root=0)
     if store is None:
@@ -360,9 +354,7 @@ def all_gather_tensors(tensor: torch.Tensor) -> List[torch.Tensor]:
     return [g[:n].to(tensor.device) for g, n in zip(gathered, counts)]
 
 
-def all_reduce_scalar_means(
-    means: Dict[str, float], counts: Optional[Dict[str, float]] = None
-) -> Dict[str, float]:
+def all_reduce_scalar_means(means: Dict[str, float], counts: Optional[Dict[str, float]] = None) -> Dict[str, float]:
     """
     Average named scalars over all ranks, weighting each rank's value by its count.
 

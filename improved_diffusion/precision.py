@@ -68,7 +68,9 @@ class MixedPrecision:
         elif use_bf16:
             self.dtype = torch.bfloat16
             if self.device.type == "cpu" and log is not None and not cpu_has_fast_bf16():
-                log("warning: this CPU has no bfloat16 instructions (AVX-512 BF16 / AMX): bf16 will be slower than fp32")
+                log(
+                    "warning: this CPU has no bfloat16 instructions (AVX-512 BF16 / AMX): bf16 will be slower than fp32"
+                )
 
     @property
     def enabled(self) -> bool:

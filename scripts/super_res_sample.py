@@ -29,8 +29,8 @@ from improved_diffusion.sample_util import (
     validate_sampling_args,
 )
 from improved_diffusion.script_util import (
-    FlagParser,
     NUM_CLASSES,
+    FlagParser,
     add_dict_to_argparser,
     parse_args_with_saved,
     sr_create_model_and_diffusion,

@@ -19,9 +19,7 @@ RESULT_KEYS = {"first_s", "median_s", "cpu_s", "ratio"}
 
 
 def _run(*flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, SCRIPT, *flags], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([sys.executable, SCRIPT, *flags], cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 def test_quick_run_prints_one_json_line_per_benchmark():

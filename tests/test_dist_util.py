@@ -58,13 +58,11 @@ def clean_env(monkeypatch):
         ({"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1"}, ("mpi", 3, 4, 1)),
         ({"PMI_RANK": "2", "PMI_SIZE": "4"}, ("mpi", 2, 4, 2)),
         (
-            {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2",
-             "OMPI_COMM_WORLD_LOCAL_RANK": "1"},
+            {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1"},
             ("mpi", 1, 2, 1),
         ),
         (
-            {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1",
-             "MASTER_PORT": "29500"},
+            {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"},
             ("torchrun", 5, 8, 1),
         ),
         ({"RANK": "0", "WORLD_SIZE": "2"}, ("none", 0, 1, 0)),  # no MASTER_ADDR: not torchrun
@@ -95,7 +93,9 @@ def test_timeout_from_argument_and_environment(monkeypatch):
 
 def test_helpers_without_a_process_group(no_process_group, tmp_path):
     assert (dist_util.get_rank(), dist_util.get_world_size(), dist_util.get_local_rank()) == (
-        0, 1, 0,
+        0,
+        1,
+        0,
     )
     assert dist_util.is_main_process()
     dist_util.barrier()
@@ -108,9 +108,7 @@ def test_helpers_without_a_process_group(no_process_group, tmp_path):
     assert dist_util.dev() == torch.device("cpu")
     path = str(tmp_path / "ck.pt")
     torch.save({"w": torch.arange(3.0)}, path)
-    torch.testing.assert_close(
-        dist_util.load_state_dict(path)["w"], torch.arange(3.0), rtol=0, atol=0
-    )
+    torch.testing.assert_close(dist_util.load_state_dict(path)["w"], torch.arange(3.0), rtol=0, atol=0)
     with pytest.raises(UserError, match="file not found: .*missing.pt"):
         dist_util.load_state_dict(str(tmp_path / "missing.pt"))
 
@@ -184,11 +182,7 @@ def test_abort_on_error_ends_a_multi_process_job(monkeypatch, capsys, error, cod
 
 def run_job(cmd, cwd):
     """Run a job in its own process group; kill the whole group if it outlives the timeout."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in LAUNCHER_VARS and not k.startswith(LAUNCHER_PREFIXES)
-    }
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith(LAUNCHER_PREFIXES)}
     env.pop("OPENAI_LOGDIR", None)
     env.update(
         PATH=BIN + os.pathsep + env.get("PATH", ""),
@@ -198,7 +192,12 @@ def run_job(cmd, cwd):
     )
     start = time.monotonic()
     proc = subprocess.Popen(
-        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
     )
     try:

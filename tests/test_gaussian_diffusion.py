@@ -12,8 +12,8 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from golden import FIXTURES, assert_golden, golden, load_npz
+
 from improved_diffusion import gaussian_diffusion as gd
 from improved_diffusion.errors import UserError
 from improved_diffusion.gaussian_diffusion import (

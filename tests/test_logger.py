@@ -41,13 +41,7 @@ def test_three_formats_hold_the_values(tmp_path, capsys):
         assert logger.getkvs() == {}
         logger.log("hello", 42)
     out = capsys.readouterr().out
-    table = (
-        "-------------------\n"
-        "| loss | 1.5      |\n"
-        "| lr   | 0.5      |\n"
-        "| step | 3        |\n"
-        "-------------------\n"
-    )
+    table = "-------------------\n| loss | 1.5      |\n| lr   | 0.5      |\n| step | 3        |\n-------------------\n"
     assert out == f"Logging to {tmp_path}\n" + table + "hello 42\n"
     with open(tmp_path / "log.txt") as f:
         assert f.read() == out

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from golden import assert_golden, golden
+
 from improved_diffusion.losses import approx_standard_normal_cdf, discretized_gaussian_log_likelihood, normal_kl
 
 FN = "functions.npz"

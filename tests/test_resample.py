@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from golden import assert_golden, golden
+
 from improved_diffusion import dist_util
 from improved_diffusion.errors import UserError
 from improved_diffusion.resample import (

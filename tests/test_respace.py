@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from golden import assert_golden, golden, load_npz
+
 from improved_diffusion.errors import UserError
 from improved_diffusion.gaussian_diffusion import LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
 from improved_diffusion.respace import SpacedDiffusion, space_timesteps

@@ -22,7 +22,7 @@ from PIL import Image
 from improved_diffusion import fileio, logger, train_util
 from improved_diffusion.errors import UserError
 from improved_diffusion.image_datasets import load_data
-from improved_diffusion.precision import MixedPrecision
+from improved_diffusion.precision import MixedPrecision, cpu_has_fast_bf16
 from improved_diffusion.resample import LossSecondMomentResampler, UniformSampler, create_named_schedule_sampler
 from improved_diffusion.script_util import create_gaussian_diffusion
 from improved_diffusion.train_util import TrainLoop, parse_resume_step_from_filename
@@ -400,7 +400,9 @@ def test_precision_choices():
     messages = []
     cpu_fp16 = MixedPrecision(torch.device("cpu"), use_fp16=True, log=messages.append)
     assert cpu_fp16.dtype == torch.bfloat16 and cpu_fp16.scaler is None
-    assert messages == ["warning: --use_fp16 on cpu: using bfloat16 autocast instead"]
+    slow_bf16 = ["warning: this CPU has no bfloat16 instructions (AVX-512 BF16 / AMX): bf16 will be slower than fp32"]
+    expected = ["warning: --use_fp16 on cpu: using bfloat16 autocast instead"]
+    assert messages == expected + ([] if cpu_has_fast_bf16() else slow_bf16)
     with pytest.raises(UserError, match="--use_fp16 and --use_bf16 exclude each other"):
         MixedPrecision(torch.device("cpu"), use_fp16=True, use_bf16=True)
     plain = MixedPrecision(torch.device("cpu"))
