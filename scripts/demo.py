@@ -62,7 +62,7 @@ PRESETS = {
     "full": {
         "max_per_class": 0,
         "model": {},
-        "train": {"lr": 2e-3, "batch_size": 32, "steps": 2000, "save_interval": 500, "log_interval": 100},
+        "train": {"lr": 2e-3, "batch_size": 32, "steps": 1500, "save_interval": 500, "log_interval": 100},
         "sample": {"timestep_respacing": "50", "num_samples": 100, "batch_size": 100},
     },
     # A test-sized run of the same pipeline: 20 digits, the smallest model, two steps.
