@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from golden import FIXTURES, assert_golden, golden, load_npz
+from golden import FIXTURES, SCHEDULE_ARRAYS, assert_golden, golden, load_npz
 
 from improved_diffusion import gaussian_diffusion as gd
 from improved_diffusion.errors import UserError
@@ -34,19 +34,7 @@ P = dict(rtol=1e-5, atol=1e-5)
 DDIM = dict(rtol=1e-5, atol=1e-4)
 LOOP = dict(rtol=1e-4, atol=1e-4)
 # Names of the 11 derived schedule arrays (betas and alphas_cumprod are checked for every config).
-DERIVED = (
-    "alphas_cumprod_prev",
-    "alphas_cumprod_next",
-    "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod",
-    "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance",
-    "posterior_log_variance_clipped",
-    "posterior_mean_coef1",
-    "posterior_mean_coef2",
-)
+DERIVED = SCHEDULE_ARRAYS[2:]
 
 
 class ToyModel:

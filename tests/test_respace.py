@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from golden import assert_golden, golden, load_npz
+from golden import SCHEDULE_ARRAYS, assert_golden, golden, load_npz
 
 from improved_diffusion.errors import UserError
 from improved_diffusion.gaussian_diffusion import LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
@@ -13,21 +13,7 @@ from improved_diffusion.script_util import create_gaussian_diffusion
 SCHEDULES = "schedules.npz"
 SCHEDULE = dict(rtol=1e-12, atol=0)
 SPACE_KEYS = sorted(k for k in load_npz(SCHEDULES) if k.startswith("space."))
-ARRAYS = (
-    "betas",
-    "alphas_cumprod",
-    "alphas_cumprod_prev",
-    "alphas_cumprod_next",
-    "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod",
-    "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance",
-    "posterior_log_variance_clipped",
-    "posterior_mean_coef1",
-    "posterior_mean_coef2",
-)
+ARRAYS = SCHEDULE_ARRAYS
 
 
 @pytest.mark.parametrize("key", SPACE_KEYS)
