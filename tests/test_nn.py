@@ -113,7 +113,7 @@ def test_speed_switches_context_restores_and_rejects_unknown():
     assert inn.SPEED.sdpa
     with inn.speed_switches(sdpa=False):
         assert not inn.SPEED.sdpa
-        assert inn.speed_switches_summary() == "speed switches: sdpa=False"
+        assert inn.speed_switches_summary() == "speed switches: sdpa=False, winograd=True"
     assert inn.SPEED.sdpa
-    with pytest.raises(ValueError, match="unknown speed switch 'flash' \\(known: sdpa\\)"):
+    with pytest.raises(ValueError, match="unknown speed switch 'flash' \\(known: sdpa, winograd\\)"):
         inn.set_speed_switches(flash=True)

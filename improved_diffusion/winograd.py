@@ -1,0 +1,208 @@
+"""
+Winograd F(4x4, 3x3) convolution: the UNet's 3x3, stride-1, padding-1 convolutions with 4x
+fewer multiplications, for float32 on CPUs [Lavin & Gray 2016, "Fast Algorithms for
+Convolutional Neural Networks", §4].
+
+A direct 3x3 convolution spends 9 multiply-adds per output pixel, input channel and output
+channel. Winograd's minimal filtering algorithm computes a 4x4 output tile from a 6x6 input
+tile with 36 element-wise products per channel pair instead of 144:
+
+    Y = A^T [ (G g G^T) ⊙ (B^T d B) ] A        [Lavin & Gray Eq. 10]
+
+with ``d`` a 6x6 input tile, ``g`` the 3x3 filter and the constant matrices ``B^T`` (6x6),
+``G`` (6x3), ``A^T`` (4x6) below (interpolation points 0, ±1, ±2, ∞). Summing over input
+channels turns the element-wise products into 36 independent matrix products, one per tile
+position, which is where the time goes; the transforms are cheap reshuffles. The backward pass
+is the transpose of each linear stage: the same 36 matrix products give the weight and input
+gradients, so training gets the 4x saving too.
+
+Layout: everything runs channels-last (``N, H, W, C`` in memory), where the tile gathering and
+scattering copy contiguous channel vectors; the output is a channels-last ``(N, O, H, W)``
+tensor, which the following layers keep.
+
+Accuracy: the transforms' constants (up to 8 and 1/24) cost a few bits, so the result differs
+from the direct convolution by about 1e-5 of the output's scale in float32 (measured by
+``tests/test_winograd.py``), far below bfloat16 or TF32 rounding. The network uses this path
+through ``nn.SPEED.winograd`` (on by default on CPUs); switching it off gives the direct
+convolution.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+# Tile sizes of F(4x4, 3x3): 4x4 outputs from 6x6 inputs.
+OUT_TILE = 4
+IN_TILE = OUT_TILE + 2
+
+# [Lavin & Gray §4.2] F(4, 3), interpolation points 0, 1, -1, 2, -2 and infinity.
+_BT = (
+    (4, 0, -5, 0, 1, 0),
+    (0, -4, -4, 1, 1, 0),
+    (0, 4, -4, -1, 1, 0),
+    (0, -2, -1, 2, 1, 0),
+    (0, 2, -1, -2, 1, 0),
+    (0, 4, 0, -5, 0, 1),
+)
+_G = (
+    (1 / 4, 0, 0),
+    (-1 / 6, -1 / 6, -1 / 6),
+    (-1 / 6, 1 / 6, -1 / 6),
+    (1 / 24, 1 / 12, 1 / 6),
+    (1 / 24, -1 / 12, 1 / 6),
+    (0, 0, 1),
+)
+_AT = (
+    (1, 1, 1, 1, 1, 0),
+    (0, 1, -1, 2, -2, 0),
+    (0, 1, 1, 4, 4, 0),
+    (0, 1, -1, 8, -8, 1),
+)
+
+# Smallest feature map (height and width) worth the transforms; below it the direct
+# convolution is as fast (benchmarks/README.md, "Winograd").
+MIN_SIZE = 16
+
+_MATRICES: dict = {}
+
+
+def _matrices(like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``B^T`` (6, 6), ``A^T`` (4, 6) and ``G ⊗ G`` (36, 9) with the device and dtype of ``like``, cached."""
+    key = (like.device, like.dtype)
+    if key not in _MATRICES:
+        g = torch.tensor(_G, dtype=torch.float64)
+        _MATRICES[key] = tuple(
+            m.to(device=like.device, dtype=like.dtype).contiguous()
+            for m in (torch.tensor(_BT, dtype=torch.float64), torch.tensor(_AT, dtype=torch.float64), torch.kron(g, g))
+        )
+    return _MATRICES[key]
+
+
+def _two_sided(left: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
+    """
+    Apply ``left`` to both tile axes, swapping them: ``out[j, i] = sum_kl left[i, k] tiles[k, l] left[j, l]``.
+
+    Two broadcast matrix products (one per axis) instead of one (p, q) @ (q, q * rest) product,
+    which is several times slower on CPUs for these skinny shapes.
+
+    :param left: (p, q) transform matrix.
+    :param tiles: (q, q, rest) tensor, tile axes first.
+    :return: (p, p, rest), contiguous, axes in swapped order.
+    """
+    second = torch.matmul(left, tiles)  # (q, p, rest): the second axis transformed
+    return torch.matmul(left, second.permute(1, 0, 2))  # (p, p, rest): then the first
+
+
+def applicable(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
+    """
+    Whether ``conv(x)`` can take the Winograd path: a float32 CPU tensor outside autocast and
+    compilation, a 3x3 kernel with stride 1, padding 1, no dilation or groups, zero padding,
+    and a feature map of at least ``MIN_SIZE`` pixels a side.
+    """
+    return (
+        x.device.type == "cpu"
+        and x.dim() == 4
+        and x.dtype == torch.float32
+        and conv.weight.dtype == torch.float32
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and min(x.shape[-2:]) >= MIN_SIZE
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+
+
+class _WinogradConv3x3(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        bt, at, gg = _matrices(x)
+        n, c, height, width = x.shape
+        out_channels = weight.shape[0]
+        rows, cols = -(-height // OUT_TILE), -(-width // OUT_TILE)  # tiles per column / row
+        tiles = n * rows * cols
+        # Zero-pad to whole tiles: one pixel of convolution padding on each side, plus the
+        # bottom/right remainder.
+        padded = F.pad(
+            x.permute(0, 2, 3, 1),
+            (0, 0, 1, OUT_TILE * cols + 1 - width, 1, OUT_TILE * rows + 1 - height),
+        )  # (N, 4 rows + 2, 4 cols + 2, C)
+        d = padded.unfold(1, IN_TILE, OUT_TILE).unfold(2, IN_TILE, OUT_TILE)  # (N, rows, cols, C, 6, 6)
+        d = d.permute(4, 5, 0, 1, 2, 3).reshape(IN_TILE, IN_TILE, tiles * c)  # [row, column]
+        v = _two_sided(bt, d).view(IN_TILE**2, tiles, c)  # B^T d B, (36, T, C), [column, row]
+        # G g G^T in the same [column, row] order: G ⊗ G applied to the filter's [column, row].
+        u = (gg @ weight.permute(3, 2, 1, 0).reshape(9, c * out_channels)).view(IN_TILE**2, c, out_channels)
+        m = torch.bmm(v, u)  # (36, T, O): one matrix product per tile position
+        y = _two_sided(at, m.view(IN_TILE, IN_TILE, -1))  # A^T m A, (4, 4, T * O), [row, column]
+        y = y.view(OUT_TILE, OUT_TILE, n, rows, cols, out_channels).permute(2, 3, 0, 4, 1, 5)
+        y = y.reshape(n, OUT_TILE * rows, OUT_TILE * cols, out_channels)
+        if bias is not None:
+            y += bias
+        ctx.save_for_backward(v, u)
+        ctx.shape = (n, c, height, width, rows, cols)
+        ctx.has_bias = bias is not None
+        return y[:, :height, :width].permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        v, u = ctx.saved_tensors
+        bt, at, gg = _matrices(grad_out)
+        n, c, height, width, rows, cols = ctx.shape
+        out_channels = u.shape[2]
+        tiles = n * rows * cols
+        g = grad_out.permute(0, 2, 3, 1)  # (N, H, W, O)
+        g = F.pad(g, (0, 0, 0, OUT_TILE * cols - width, 0, OUT_TILE * rows - height))
+        g = g.reshape(n, rows, OUT_TILE, cols, OUT_TILE, out_channels).permute(2, 4, 0, 1, 3, 5)
+        dm = _two_sided(at.t(), g.reshape(OUT_TILE, OUT_TILE, tiles * out_channels))
+        dm = dm.view(IN_TILE**2, tiles, out_channels)  # A dY A^T, (36, T, O), [column, row]
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[1]:
+            du = torch.bmm(v.transpose(1, 2), dm)  # (36, C, O)
+            grad_w = (gg.t() @ du.view(IN_TILE**2, c * out_channels)).view(3, 3, c, out_channels)
+            grad_w = grad_w.permute(3, 2, 1, 0).contiguous()  # [column, row] -> (O, C, row, column)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum(dim=(0, 2, 3))
+        if ctx.needs_input_grad[0]:
+            dv = torch.bmm(dm, u.transpose(1, 2))  # (36, T, C)
+            dd = _two_sided(bt.t(), dv.view(IN_TILE, IN_TILE, -1))  # B dV B^T, [row, column]
+            dd = dd.view(IN_TILE, IN_TILE, n, rows, cols, c)
+            grad_x = _overlap_add(dd)[:, 1 : height + 1, 1 : width + 1]
+            grad_x = grad_x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+        return grad_x, grad_w, grad_b
+
+
+def _overlap_add(dd: torch.Tensor) -> torch.Tensor:
+    """
+    Scatter-add 6x6 tile gradients back onto the padded image (tiles overlap by 2 pixels).
+
+    :param dd: (6, 6, N, rows, cols, C) gradient of every tile pixel.
+    :return: (N, 4 rows + 4, 4 cols + 4, C) gradient of the padded input (the last two rows
+        and columns are beyond the padding and get nothing).
+    """
+    _, _, n, rows, cols, c = dd.shape
+    # Columns: offsets 0-3 land in the tile's own 4 columns, offsets 4-5 in the next tile's.
+    by_cols = dd.new_zeros(IN_TILE, n, rows, cols + 1, OUT_TILE, c)
+    by_cols[:, :, :, :cols] = dd[:, :OUT_TILE].permute(0, 2, 3, 4, 1, 5)
+    by_cols[:, :, :, 1:, :2] += dd[:, OUT_TILE:].permute(0, 2, 3, 4, 1, 5)
+    # Rows, the same way.
+    out = dd.new_zeros(n, rows + 1, OUT_TILE, cols + 1, OUT_TILE, c)
+    out[:, :rows] = by_cols[:OUT_TILE].permute(1, 2, 0, 3, 4, 5)
+    out[:, 1:, :2] += by_cols[OUT_TILE:].permute(1, 2, 0, 3, 4, 5)
+    return out.view(n, OUT_TILE * (rows + 1), OUT_TILE * (cols + 1), c)
+
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """
+    ``F.conv2d(x, weight, bias, padding=1)`` by Winograd F(4x4, 3x3) [Lavin & Gray Eq. 10],
+    differentiable in ``x``, ``weight`` and ``bias``.
+
+    :param x: (N, C, H, W), any memory layout (float32 is the fast case; float64 works too).
+    :param weight: (O, C, 3, 3), same dtype.
+    :param bias: (O,) or None.
+    :return: (N, O, H, W) in channels-last memory layout.
+    """
+    return _WinogradConv3x3.apply(x, weight, bias)

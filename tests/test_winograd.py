@@ -1,0 +1,165 @@
+"""Tests for improved_diffusion.winograd: F(4x4, 3x3) against the direct convolution."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from improved_diffusion import nn as inn
+from improved_diffusion import script_util, winograd
+from improved_diffusion.nn import speed_switches
+
+# float64: the algorithm is exact up to rounding.
+FLOAT64 = dict(rtol=0, atol=1e-11)
+# float32: the transforms' constants (up to 8 and 1/24) cost a few bits; measured max error
+# ~1e-5 of the output's largest value (forward) and ~1e-5 (gradients).
+FLOAT32_REL = 5e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference relative to the reference's largest magnitude."""
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+SHAPES = [
+    # (N, C, O, H, W): multiples of the 4x4 tile, remainders in either direction, one channel.
+    (2, 3, 5, 8, 8),
+    (1, 4, 6, 7, 9),
+    (2, 8, 3, 13, 16),
+    (1, 1, 1, 5, 4),
+    (3, 16, 16, 18, 11),
+]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_float64_equals_direct_convolution_forward_and_gradients(shape, bias):
+    n, c, o, h, w = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(n, c, h, w, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(o, c, 3, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(o, dtype=torch.float64, generator=gen, requires_grad=True) if bias else None
+    grad_out = torch.randn(n, o, h, w, dtype=torch.float64, generator=gen)
+    inputs = [t for t in (x, weight, b) if t is not None]
+
+    out = winograd.conv3x3(x, weight, b)
+    ref = F.conv2d(x, weight, b, padding=1)
+    torch.testing.assert_close(out, ref, **FLOAT64)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    ref_grads = torch.autograd.grad(ref, inputs, grad_out)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, **FLOAT64)
+
+
+def test_gradcheck():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(winograd.conv3x3, (x, weight, b))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_float32_error_is_small_and_layout_independent(channels_last):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 32, 16, 20, generator=gen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    weight = (torch.randn(48, 32, 3, 3, generator=gen) / (32 * 9) ** 0.5).requires_grad_()
+    b = torch.randn(48, generator=gen).requires_grad_()
+    grad_out = torch.randn(4, 48, 16, 20, generator=gen)
+    out = winograd.conv3x3(x, weight, b)
+    ref = F.conv2d(x, weight, b, padding=1)
+    assert _max_rel(out, ref) < FLOAT32_REL
+    grads = torch.autograd.grad(out, (x, weight, b), grad_out)
+    ref_grads = torch.autograd.grad(ref, (x, weight, b), grad_out)
+    for got, want in zip(grads, ref_grads):
+        assert got.shape == want.shape
+        assert _max_rel(got, want) < FLOAT32_REL
+
+
+def _conv(**kwargs) -> inn.Conv2d:
+    return inn.conv_nd(2, kwargs.pop("c", 4), 4, kwargs.pop("k", 3), **{"padding": 1, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "conv,x,expected",
+    [
+        (dict(), torch.zeros(1, 4, 16, 16), True),
+        (dict(), torch.zeros(1, 4, 16, 15), False),  # below MIN_SIZE
+        (dict(), torch.zeros(1, 4, 16, 16, dtype=torch.float64), False),
+        (dict(stride=2), torch.zeros(1, 4, 16, 16), False),
+        (dict(k=1, padding=0), torch.zeros(1, 4, 16, 16), False),
+        (dict(dilation=2, padding=2), torch.zeros(1, 4, 16, 16), False),
+        (dict(groups=2), torch.zeros(1, 4, 16, 16), False),
+        (dict(padding_mode="reflect"), torch.zeros(1, 4, 16, 16), False),
+        (dict(padding=0), torch.zeros(1, 4, 16, 16), False),
+    ],
+)
+def test_applicable(conv, x, expected):
+    module = _conv(**conv)
+    if x.dtype == torch.float64:
+        module = module.double()
+    assert winograd.applicable(module, x) is expected
+
+
+def test_not_applicable_under_autocast():
+    module = _conv()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not winograd.applicable(module, torch.zeros(1, 4, 16, 16))
+
+
+def test_conv2d_module_keeps_state_dict_and_switch_selects_the_path():
+    module = _conv()
+    assert list(module.state_dict()) == ["weight", "bias"]
+    assert isinstance(module, torch.nn.Conv2d)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = F.conv2d(x, module.weight, module.bias, padding=1)
+        with speed_switches(winograd=False):
+            torch.testing.assert_close(module(x), ref, rtol=0, atol=0)  # the direct convolution itself
+        with speed_switches(winograd=True):
+            fast = module(x)
+    assert fast.is_contiguous(memory_format=torch.channels_last)  # the Winograd path ran
+    assert 0 < _max_rel(fast, ref) < FLOAT32_REL
+
+
+def test_unet_training_step_matches_direct_convolution():
+    """A whole UNet (32x32, the sizes where the path is taken): loss and every gradient."""
+    kwargs = script_util.model_and_diffusion_defaults()
+    kwargs.update(image_size=32, num_channels=32, num_res_blocks=1, attention_resolutions="16", learn_sigma=True)
+    torch.manual_seed(0)
+    model, diffusion = script_util.create_model_and_diffusion(**kwargs)
+    with torch.no_grad():
+        for p in model.parameters():  # no zero-initialised layers: every gradient is non-trivial
+            if not p.any():
+                p.normal_(0.0, 0.02)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 3, 32, 32, generator=gen) * 2 - 1
+    t = torch.tensor([10, 900])
+    noise = torch.randn(x.shape, generator=gen)
+
+    def loss_and_grads(fast: bool):
+        model.zero_grad()
+        with speed_switches(winograd=fast):
+            loss = diffusion.training_losses(model, x, t, noise=noise)["loss"].mean()
+            loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss_fast, grads_fast = loss_and_grads(True)
+    loss_ref, grads_ref = loss_and_grads(False)
+    torch.testing.assert_close(loss_fast, loss_ref, rtol=1e-4, atol=0)
+    # Compared on the scale of all gradients: biases right before a GroupNorm get only
+    # ~1e-9 of rounding noise (their exact gradient is zero), which no relative test can match.
+    scale = max(r.abs().max() for r in grads_ref)
+    for got, want in zip(grads_fast, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5 * scale)
