@@ -34,7 +34,7 @@ from . import dist_util, logger
 from .errors import UserError
 from .fileio import atomic_save_npz
 from .image_utils import save_sample_grid, to_uint8_nhwc
-from .script_util import NUM_CLASSES, args_to_dict
+from .script_util import NUM_CLASSES, args_to_dict, speed_defaults
 
 # Tags keep the seed streams of start noise and step noise apart.
 _SAMPLE_STREAM = 0
@@ -49,7 +49,8 @@ KwargsFn = Callable[[np.ndarray, List[torch.Generator]], Dict[str, torch.Tensor]
 def sampling_defaults() -> Dict[str, Any]:
     """
     Flags shared by the sampling scripts: the original's (clip_denoised, num_samples,
-    batch_size, use_ddim, model_path) and ours (log_dir, seed, eta, num_grid, use_bf16).
+    batch_size, use_ddim, model_path) and ours (log_dir, seed, eta, num_grid, use_bf16, and
+    the speed switches of :func:`script_util.speed_defaults`).
     """
     return dict(
         clip_denoised=True,
@@ -62,6 +63,7 @@ def sampling_defaults() -> Dict[str, Any]:
         eta=0.0,
         num_grid=64,
         use_bf16=False,
+        **speed_defaults(),
     )
 
 

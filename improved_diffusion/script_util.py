@@ -8,6 +8,7 @@ NLL scripts recover the model/diffusion flags of a checkpoint (:func:`parse_args
 """
 
 import argparse
+import dataclasses
 import inspect
 import json
 import os
@@ -15,6 +16,8 @@ import sys
 from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 from . import gaussian_diffusion as gd
+from . import logger
+from . import nn as inn
 from .errors import UserError
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import SuperResModel, UNetModel
@@ -390,6 +393,21 @@ class FlagParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"error: {message} (see --help)\n")
+
+
+def speed_defaults() -> Dict[str, Any]:
+    """
+    Flags of the speed switches (:class:`improved_diffusion.nn.SpeedSwitches`, new in this
+    implementation): ``--sdpa`` and ``--winograd``, on by default. ``False`` for both computes
+    the network exactly as the original did (plain attention formula, direct convolutions).
+    """
+    return dataclasses.asdict(inn.SpeedSwitches())
+
+
+def apply_speed_flags(args: argparse.Namespace) -> None:
+    """Set the speed switches from the parsed flags and log them (after ``logger.configure``)."""
+    inn.set_speed_switches(**args_to_dict(args, speed_defaults()))
+    logger.log(inn.speed_switches_summary())
 
 
 def str2bool(v: Any) -> bool:

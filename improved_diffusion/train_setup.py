@@ -15,7 +15,7 @@ from . import dist_util, logger
 from .errors import UserError
 from .image_datasets import list_image_files
 from .resample import SCHEDULE_SAMPLERS, create_named_schedule_sampler
-from .script_util import check_choice, save_args_json
+from .script_util import apply_speed_flags, check_choice, save_args_json, speed_defaults
 from .train_util import AUTO_RESUME, TrainLoop, check_train_settings, parse_ema_rates
 
 
@@ -44,6 +44,7 @@ def training_defaults() -> Dict[str, Any]:
         num_workers=0,  # image-decoding worker processes
         channels_last=False,
         compile=False,
+        **speed_defaults(),
     )
 
 
@@ -133,6 +134,7 @@ def run_training(
     dist_util.setup_dist()
     with dist_util.abort_on_error():
         logger.configure(dir=args.log_dir or None)
+        apply_speed_flags(args)
         seed_everything(args.seed, dist_util.get_rank())  # each rank draws its own noise and timesteps
         model.to(dist_util.dev())
         compile_model(model, args.compile)

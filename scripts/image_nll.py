@@ -31,9 +31,11 @@ from improved_diffusion.sample_util import (
 from improved_diffusion.script_util import (
     FlagParser,
     add_dict_to_argparser,
+    apply_speed_flags,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
     parse_args_with_saved,
+    speed_defaults,
 )
 
 TERMS = ("vb", "mse", "xstart_mse")
@@ -52,6 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     dist_util.setup_dist()
     with dist_util.abort_on_error():
         logger.configure(dir=args.log_dir or None)
+        apply_speed_flags(args)
         log_saved_flags(taken, args.model_path, argv)
         logger.log(f"loading {args.model_path}...")
         load_checkpoint(model, args, MODEL_KEYS)
@@ -218,6 +221,7 @@ def create_argparser() -> argparse.ArgumentParser:
         seed=0,
         timestep_batch=1,
         use_bf16=False,
+        **speed_defaults(),
     )
     defaults.update(model_and_diffusion_defaults())
     parser = FlagParser(description=__doc__.strip().splitlines()[0])

@@ -32,6 +32,7 @@ from improved_diffusion.script_util import (
     NUM_CLASSES,
     FlagParser,
     add_dict_to_argparser,
+    apply_speed_flags,
     parse_args_with_saved,
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
@@ -54,6 +55,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     dist_util.setup_dist()
     with dist_util.abort_on_error():
         logger.configure(dir=args.log_dir or None)
+        apply_speed_flags(args)
         log_saved_flags(taken, args.model_path, argv)
         logger.log(f"loaded {len(base_images)} base samples from {args.base_samples}")
         if args.num_samples > len(base_images):
