@@ -60,9 +60,9 @@ _AT = (
     (0, 1, -1, 8, -8, 1),
 )
 
-# Smallest feature map (height and width) worth the transforms; below it the direct
-# convolution is as fast (benchmarks/README.md, "Winograd").
-MIN_SIZE = 16
+# Smallest feature map (height and width) worth the transforms: a whole training step of the
+# benchmark configs is fastest with 8 (4 and 16 are slower; benchmarks/README.md, "Winograd").
+MIN_SIZE = 8
 
 _MATRICES: dict = {}
 

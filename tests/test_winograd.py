@@ -95,7 +95,8 @@ def _conv(**kwargs) -> inn.Conv2d:
     "conv,x,expected",
     [
         (dict(), torch.zeros(1, 4, 16, 16), True),
-        (dict(), torch.zeros(1, 4, 16, 15), False),  # below MIN_SIZE
+        (dict(), torch.zeros(1, 4, 8, 8), True),
+        (dict(), torch.zeros(1, 4, 8, 7), False),  # below MIN_SIZE
         (dict(), torch.zeros(1, 4, 16, 16, dtype=torch.float64), False),
         (dict(stride=2), torch.zeros(1, 4, 16, 16), False),
         (dict(k=1, padding=0), torch.zeros(1, 4, 16, 16), False),
