@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from improved_diffusion import dist_util, logger
+from improved_diffusion import dist_util, logger, winograd
 from improved_diffusion import nn as inn
 from improved_diffusion.errors import UserError, run_main
 from improved_diffusion.precision import MixedPrecision
@@ -449,7 +449,10 @@ def bench_bf16(args, device, variants, configs) -> None:
 
 
 def bench_ops(args, device, variants, configs) -> None:
-    """Raw kernels: matmul and 3x3 convolution in float32, channels-last and bfloat16."""
+    """
+    Raw kernels: matmul and 3x3 convolution in float32, channels-last and bfloat16; on CPUs
+    also the Winograd F(4x4, 3x3) convolution, forward and forward + backward.
+    """
     size, (n, c, hw) = (128, (2, 32, 8)) if args.quick else (512, (8, 64, 16))
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     x, w = torch.randn(n, c, hw, hw, device=device), torch.randn(c, c, 3, 3, device=device)
@@ -463,6 +466,18 @@ def bench_ops(args, device, variants, configs) -> None:
         "conv_fp32_channels_last": lambda: F.conv2d(x_cl, w_cl, padding=1),
         "conv_bf16": lambda: F.conv2d(x16, w16, padding=1),
     }
+    if device.type == "cpu":
+        x_g, w_g = x.clone().requires_grad_(), w.clone().requires_grad_()
+        grad = torch.randn(n, c, hw, hw, device=device)
+
+        def train(conv: Callable[..., torch.Tensor]) -> Callable[[], Any]:
+            return lambda: torch.autograd.grad(conv(x_g, w_g), (x_g, w_g), grad)
+
+        tasks.update(
+            conv_fp32_winograd=lambda: winograd.conv3x3(x, w),
+            conv_fp32_train=train(lambda xx, ww: F.conv2d(xx, ww, padding=1)),
+            conv_fp32_winograd_train=train(winograd.conv3x3),
+        )
     stats = measure(tasks, device, args.repeats, args.warmup)
     record = _header("ops", args, device)
     record.update(matmul=size, conv=[n, c, hw, hw], native_bf16=_native_bf16(device), unit="s/call")
@@ -472,6 +487,12 @@ def bench_ops(args, device, variants, configs) -> None:
     record["channels_last_conv_speedup"] = round(
         stats["conv_fp32"]["median_s"] / stats["conv_fp32_channels_last"]["median_s"], 4
     )
+    if "conv_fp32_winograd" in stats:
+        for key, fast, direct in (
+            ("winograd_conv_speedup", "conv_fp32_winograd", "conv_fp32"),
+            ("winograd_conv_train_speedup", "conv_fp32_winograd_train", "conv_fp32_train"),
+        ):
+            record[key] = round(stats[direct]["median_s"] / stats[fast]["median_s"], 4)
     _emit(record)
 
 

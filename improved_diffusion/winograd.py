@@ -31,6 +31,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 # Tile sizes of F(4x4, 3x3): 4x4 outputs from 6x6 inputs.
 OUT_TILE = 4
@@ -148,6 +149,7 @@ class _WinogradConv3x3(torch.autograd.Function):
         return y[:, :height, :width].permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
     @staticmethod
+    @once_differentiable  # the saved transforms carry no graph: double backward would be wrong
     def backward(ctx, grad_out: torch.Tensor):
         v, u = ctx.saved_tensors
         bt, at, gg = _matrices(grad_out)

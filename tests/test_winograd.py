@@ -164,3 +164,18 @@ def test_unet_training_step_matches_direct_convolution():
     scale = max(r.abs().max() for r in grads_ref)
     for got, want in zip(grads_fast, grads_ref):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5 * scale)
+
+
+def test_empty_batch_and_no_double_backward():
+    weight = torch.randn(4, 3, 3, 3, requires_grad=True)
+    empty = torch.zeros(0, 3, 8, 8, requires_grad=True)
+    out = winograd.conv3x3(empty, weight)
+    assert out.shape == (0, 4, 8, 8)
+    out.sum().backward()
+    assert empty.grad.shape == empty.shape and not weight.grad.any()
+    # The backward uses transforms saved without a graph: differentiating it again must fail
+    # loudly rather than give a silently wrong second derivative.
+    x = torch.randn(1, 3, 8, 8, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(winograd.conv3x3(x, weight).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad_x.sum().backward()
