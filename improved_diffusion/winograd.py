@@ -61,9 +61,14 @@ _AT = (
     (0, 1, -1, 8, -8, 1),
 )
 
-# Smallest feature map (height and width) worth the transforms: a whole training step of the
-# benchmark configs is fastest with 8 (4 and 16 are slower; benchmarks/README.md, "Winograd").
+# Where the transforms pay off (benchmarks/README.md, "Winograd"): feature maps of at least
+# MIN_SIZE pixels a side (a whole training step of the benchmark configs is fastest with 8; 4
+# and 16 are slower) and at least MIN_CHANNELS input and output channels (with 32 the
+# transforms cost more than the 4x fewer multiplications save: 0.6-0.96x per layer), and
+# maps that fill at least MIN_TILE_USE of their 4x4 tiles (10x10 computes 12x12: 0.69, no gain).
 MIN_SIZE = 8
+MIN_CHANNELS = 64
+MIN_TILE_USE = 0.8
 
 _MATRICES: dict = {}
 
@@ -97,10 +102,13 @@ def _two_sided(left: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
 
 def applicable(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
     """
-    Whether ``conv(x)`` can take the Winograd path: a float32 CPU tensor outside autocast and
+    Whether ``conv(x)`` takes the Winograd path: a float32 CPU tensor outside autocast and
     compilation, a 3x3 kernel with stride 1, padding 1, no dilation or groups, zero padding,
-    and a feature map of at least ``MIN_SIZE`` pixels a side.
+    at least ``MIN_CHANNELS`` input and output channels and a feature map of at least
+    ``MIN_SIZE`` pixels a side that fills at least ``MIN_TILE_USE`` of its 4x4 tiles.
     """
+    height, width = x.shape[-2:]
+    tiled_area = OUT_TILE**2 * -(-height // OUT_TILE) * -(-width // OUT_TILE)
     return (
         x.device.type == "cpu"
         and x.dim() == 4
@@ -112,7 +120,9 @@ def applicable(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
         and conv.dilation == (1, 1)
         and conv.groups == 1
         and conv.padding_mode == "zeros"
-        and min(x.shape[-2:]) >= MIN_SIZE
+        and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
+        and min(height, width) >= MIN_SIZE
+        and height * width >= MIN_TILE_USE * tiled_area
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
     )

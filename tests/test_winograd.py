@@ -87,43 +87,47 @@ def test_float32_error_is_small_and_layout_independent(channels_last):
         assert _max_rel(got, want) < FLOAT32_REL
 
 
-def _conv(**kwargs) -> inn.Conv2d:
-    return inn.conv_nd(2, kwargs.pop("c", 4), 4, kwargs.pop("k", 3), **{"padding": 1, **kwargs})
+def _conv(c_in: int = 64, c_out: int = 64, k: int = 3, **kwargs) -> inn.Conv2d:
+    return inn.conv_nd(2, c_in, c_out, k, **{"padding": 1, **kwargs})
 
 
 @pytest.mark.parametrize(
-    "conv,x,expected",
+    "conv,size,expected",
     [
-        (dict(), torch.zeros(1, 4, 16, 16), True),
-        (dict(), torch.zeros(1, 4, 8, 8), True),
-        (dict(), torch.zeros(1, 4, 8, 7), False),  # below MIN_SIZE
-        (dict(), torch.zeros(1, 4, 16, 16, dtype=torch.float64), False),
-        (dict(stride=2), torch.zeros(1, 4, 16, 16), False),
-        (dict(k=1, padding=0), torch.zeros(1, 4, 16, 16), False),
-        (dict(dilation=2, padding=2), torch.zeros(1, 4, 16, 16), False),
-        (dict(groups=2), torch.zeros(1, 4, 16, 16), False),
-        (dict(padding_mode="reflect"), torch.zeros(1, 4, 16, 16), False),
-        (dict(padding=0), torch.zeros(1, 4, 16, 16), False),
+        (dict(), (16, 16), True),
+        (dict(), (8, 8), True),
+        (dict(), (8, 7), False),  # below MIN_SIZE
+        (dict(), (10, 10), False),  # 12x12 computed: below MIN_TILE_USE
+        (dict(), (20, 18), True),
+        (dict(c_in=32), (16, 16), False),  # below MIN_CHANNELS
+        (dict(c_out=32), (16, 16), False),
+        (dict(c_in=192, c_out=64), (16, 16), True),
+        (dict(stride=2), (16, 16), False),
+        (dict(k=1, padding=0), (16, 16), False),
+        (dict(dilation=2, padding=2), (16, 16), False),
+        (dict(groups=2), (16, 16), False),
+        (dict(padding_mode="reflect"), (16, 16), False),
+        (dict(padding=0), (16, 16), False),
     ],
 )
-def test_applicable(conv, x, expected):
+def test_applicable(conv, size, expected):
     module = _conv(**conv)
-    if x.dtype == torch.float64:
-        module = module.double()
-    assert winograd.applicable(module, x) is expected
+    assert winograd.applicable(module, torch.zeros(1, module.in_channels, *size)) is expected
 
 
-def test_not_applicable_under_autocast():
+def test_not_applicable_to_float64_or_under_autocast():
     module = _conv()
+    x = torch.zeros(1, 64, 16, 16)
+    assert not winograd.applicable(module.double(), x.double())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not winograd.applicable(module, torch.zeros(1, 4, 16, 16))
+        assert not winograd.applicable(module.float(), x)
 
 
 def test_conv2d_module_keeps_state_dict_and_switch_selects_the_path():
     module = _conv()
     assert list(module.state_dict()) == ["weight", "bias"]
     assert isinstance(module, torch.nn.Conv2d)
-    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(2, 64, 16, 16, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = F.conv2d(x, module.weight, module.bias, padding=1)
         with speed_switches(winograd=False):
@@ -134,10 +138,11 @@ def test_conv2d_module_keeps_state_dict_and_switch_selects_the_path():
     assert 0 < _max_rel(fast, ref) < FLOAT32_REL
 
 
-def test_unet_training_step_matches_direct_convolution():
-    """A whole UNet (32x32, the sizes where the path is taken): loss and every gradient."""
+def test_unet_training_step_matches_direct_convolution(monkeypatch):
+    """A whole UNet (16x16, 64 channels: sizes where the path is taken): loss and every gradient."""
     kwargs = script_util.model_and_diffusion_defaults()
-    kwargs.update(image_size=32, num_channels=32, num_res_blocks=1, attention_resolutions="16", learn_sigma=True)
+    kwargs.update(image_size=16, channel_mult="1,2", num_channels=64, num_res_blocks=1, attention_resolutions="8")
+    kwargs.update(learn_sigma=True)
     torch.manual_seed(0)
     model, diffusion = script_util.create_model_and_diffusion(**kwargs)
     with torch.no_grad():
@@ -145,7 +150,7 @@ def test_unet_training_step_matches_direct_convolution():
             if not p.any():
                 p.normal_(0.0, 0.02)
     gen = torch.Generator().manual_seed(3)
-    x = torch.rand(2, 3, 32, 32, generator=gen) * 2 - 1
+    x = torch.rand(2, 3, 16, 16, generator=gen) * 2 - 1
     t = torch.tensor([10, 900])
     noise = torch.randn(x.shape, generator=gen)
 
@@ -156,8 +161,14 @@ def test_unet_training_step_matches_direct_convolution():
             loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
+    calls = []
+    conv3x3 = winograd.conv3x3
+    monkeypatch.setattr(winograd, "conv3x3", lambda *a: calls.append(a[0].shape) or conv3x3(*a))
     loss_fast, grads_fast = loss_and_grads(True)
+    assert len(calls) >= 4 and {shape[1] for shape in calls} >= {64, 128}  # both levels took the path
+    calls.clear()
     loss_ref, grads_ref = loss_and_grads(False)
+    assert not calls
     torch.testing.assert_close(loss_fast, loss_ref, rtol=1e-4, atol=0)
     # Compared on the scale of all gradients: biases right before a GroupNorm get only
     # ~1e-9 of rounding noise (their exact gradient is zero), which no relative test can match.
