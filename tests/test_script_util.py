@@ -19,6 +19,7 @@ from improved_diffusion.script_util import (
     model_and_diffusion_defaults,
     parse_args_with_saved,
     save_args_json,
+    speed_defaults,
     sr_model_and_diffusion_defaults,
     str2bool,
 )
@@ -34,6 +35,19 @@ ORIGINAL_DEFAULTS = dict(
 
 def test_defaults_are_the_originals_plus_channel_mult():
     assert model_and_diffusion_defaults() == dict(ORIGINAL_DEFAULTS, channel_mult="")
+
+
+def test_every_script_has_the_speed_flags():
+    """--sdpa and --winograd, on by default, accepted by all five scripts (parsed as booleans)."""
+    import os
+    import runpy
+
+    assert speed_defaults() == {"sdpa": True, "winograd": True}
+    scripts = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+    for name in ("image_train.py", "super_res_train.py", "image_sample.py", "super_res_sample.py", "image_nll.py"):
+        parser = runpy.run_path(os.path.join(scripts, name), run_name="not_main")["create_argparser"]()
+        args = parser.parse_args(["--winograd", "False"])
+        assert (args.sdpa, args.winograd) == (True, False), name
 
 
 def test_super_res_defaults_drop_image_size_and_sigma_small():
