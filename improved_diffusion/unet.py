@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import nn as inn
+from . import winograd
 from .errors import UserError
 from .nn import (
     SiLU,
@@ -475,6 +476,8 @@ class UNetModel(nn.Module):
     ) -> torch.Tensor:
         """Input, middle and output blocks; the activations go to ``features`` when given."""
         h, emb = x.to(self.dtype), self._embed(x, timesteps, y)
+        if inn.SPEED.winograd and winograd.prefers_channels_last(h, self.model_channels * self.channel_mult[0]):
+            h = h.contiguous(memory_format=torch.channels_last)
         skips = []
         for module in self.input_blocks:
             h = module(h, emb)

@@ -100,19 +100,39 @@ def _two_sided(left: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
     return torch.matmul(left, second.permute(1, 0, 2))  # (p, p, rest): then the first
 
 
-def applicable(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
+def worthwhile(in_channels: int, out_channels: int, height: int, width: int) -> bool:
     """
-    Whether ``conv(x)`` takes the Winograd path: a float32 CPU tensor outside autocast and
-    compilation, a 3x3 kernel with stride 1, padding 1, no dilation or groups, zero padding,
-    at least ``MIN_CHANNELS`` input and output channels and a feature map of at least
-    ``MIN_SIZE`` pixels a side that fills at least ``MIN_TILE_USE`` of its 4x4 tiles.
+    Whether a 3x3 convolution of this size gains from Winograd on a CPU: at least
+    ``MIN_CHANNELS`` input and output channels and a feature map of at least ``MIN_SIZE``
+    pixels a side that fills at least ``MIN_TILE_USE`` of its 4x4 tiles.
     """
-    height, width = x.shape[-2:]
     tiled_area = OUT_TILE**2 * -(-height // OUT_TILE) * -(-width // OUT_TILE)
+    return (
+        min(in_channels, out_channels) >= MIN_CHANNELS
+        and min(height, width) >= MIN_SIZE
+        and height * width >= MIN_TILE_USE * tiled_area
+    )
+
+
+def _fast_input(x: torch.Tensor) -> bool:
+    """A 4-d float32 CPU tensor outside autocast and ``torch.compile``."""
     return (
         x.device.type == "cpu"
         and x.dim() == 4
         and x.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+
+
+def applicable(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
+    """
+    Whether ``conv(x)`` takes the Winograd path: a float32 CPU input outside autocast and
+    compilation, a float32 3x3 kernel with stride 1, padding 1, no dilation or groups, zero
+    padding, and a size that is :func:`worthwhile`.
+    """
+    return (
+        _fast_input(x)
         and conv.weight.dtype == torch.float32
         and conv.kernel_size == (3, 3)
         and conv.stride == (1, 1)
@@ -120,12 +140,18 @@ def applicable(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
         and conv.dilation == (1, 1)
         and conv.groups == 1
         and conv.padding_mode == "zeros"
-        and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
-        and min(height, width) >= MIN_SIZE
-        and height * width >= MIN_TILE_USE * tiled_area
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
+        and worthwhile(conv.in_channels, conv.out_channels, *x.shape[-2:])
     )
+
+
+def prefers_channels_last(x: torch.Tensor, channels: int) -> bool:
+    """
+    Whether a network whose first level has ``channels`` channels should take ``x`` in
+    channels-last layout: its first-level convolutions take the Winograd path, which returns
+    channels-last tensors, so every layer then sees one layout (mixed layouts cost a
+    conversion at each residual addition).
+    """
+    return _fast_input(x) and worthwhile(channels, channels, *x.shape[-2:])
 
 
 class _WinogradConv3x3(torch.autograd.Function):
