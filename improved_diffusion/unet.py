@@ -265,10 +265,14 @@ class AttentionBlock(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, *spatial = x.shape
+        layout_is_channels_last = x.dim() == 4 and c > 1 and x.is_contiguous(memory_format=torch.channels_last)
         x = x.reshape(n, c, -1)  # (N, C, T), T = prod(spatial)
         qkv = self.qkv(self.norm(x))  # (N, 3C, T)
         h = self.proj_out(attention(qkv, self.num_heads))  # (N, C, T)
-        return (x + h).reshape(n, c, *spatial)  # (N, C, ...)
+        out = (x + h).reshape(n, c, *spatial)  # (N, C, ...)
+        if len(spatial) == 2 and layout_is_channels_last:
+            out = out.contiguous(memory_format=torch.channels_last)  # keep the network's layout
+        return out
 
 
 def _check_divisible(channels: int, divisor: int, what: str, flag: str) -> None:

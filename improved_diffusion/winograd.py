@@ -27,7 +27,9 @@ through ``nn.SPEED.winograd`` (on by default on CPUs); switching it off gives th
 convolution.
 """
 
-from typing import Optional, Tuple
+import math
+import threading
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +87,36 @@ def _matrices(like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Ten
     return _MATRICES[key]
 
 
-def _two_sided(left: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
+class _Workspace(threading.local):
+    """
+    Per-thread scratch buffers for the temporaries of one convolution call, reused across
+    calls: fresh multi-megabyte allocations cost more in page faults than the transforms
+    themselves (a 32x32, 64-channel layer's forward: 20.9 ms with fresh memory, 14.4 ms without).
+    Each slot holds one temporary; nothing returned to the caller or saved for the backward pass
+    lives in a slot. Thread-local, so concurrent calls from several threads never share one.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: Dict[Tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def get(self, slot: int, shape: Tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A contiguous uninitialised tensor of ``shape`` in slot ``slot``, dtype/device of ``like``."""
+        key, numel = (slot, like.dtype, like.device), math.prod(shape)
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self.buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buffer[:numel].view(shape)
+
+
+_WORKSPACE = _Workspace()
+
+
+def release_workspace() -> None:
+    """Free this thread's scratch buffers (they are kept between calls for speed)."""
+    _WORKSPACE.buffers.clear()
+
+
+def _two_sided(left: torch.Tensor, tiles: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """
     Apply ``left`` to both tile axes, swapping them: ``out[j, i] = sum_kl left[i, k] tiles[k, l] left[j, l]``.
 
@@ -94,10 +125,16 @@ def _two_sided(left: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
 
     :param left: (p, q) transform matrix.
     :param tiles: (q, q, rest) tensor, tile axes first.
+    :param out: where to write the result (default: a new tensor); the intermediate goes to
+        workspace slot 0.
     :return: (p, p, rest), contiguous, axes in swapped order.
     """
-    second = torch.matmul(left, tiles)  # (q, p, rest): the second axis transformed
-    return torch.matmul(left, second.permute(1, 0, 2))  # (p, p, rest): then the first
+    p, q = left.shape
+    rest = tiles.shape[2]
+    second = torch.matmul(left, tiles, out=_WORKSPACE.get(0, (q, p, rest), tiles))  # the second axis
+    if out is None:
+        out = torch.empty((p, p, rest), dtype=tiles.dtype, device=tiles.device)
+    return torch.matmul(left, second.permute(1, 0, 2), out=out)  # (p, p, rest): then the first
 
 
 def worthwhile(in_channels: int, out_channels: int, height: int, width: int) -> bool:
@@ -156,7 +193,9 @@ def prefers_channels_last(x: torch.Tensor, channels: int) -> bool:
 
 class _WinogradConv3x3(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], keep_input: bool
+    ) -> torch.Tensor:
         bt, at, gg = _matrices(x)
         n, c, height, width = x.shape
         out_channels = weight.shape[0]
@@ -164,22 +203,28 @@ class _WinogradConv3x3(torch.autograd.Function):
         tiles = n * rows * cols
         # Zero-pad to whole tiles: one pixel of convolution padding on each side, plus the
         # bottom/right remainder.
-        padded = F.pad(
-            x.permute(0, 2, 3, 1),
-            (0, 0, 1, OUT_TILE * cols + 1 - width, 1, OUT_TILE * rows + 1 - height),
-        )  # (N, 4 rows + 2, 4 cols + 2, C)
-        d = padded.unfold(1, IN_TILE, OUT_TILE).unfold(2, IN_TILE, OUT_TILE)  # (N, rows, cols, C, 6, 6)
-        d = d.permute(4, 5, 0, 1, 2, 3).reshape(IN_TILE, IN_TILE, tiles * c)  # [row, column]
-        v = _two_sided(bt, d).view(IN_TILE**2, tiles, c)  # B^T d B, (36, T, C), [column, row]
+        padded = _WORKSPACE.get(1, (n, OUT_TILE * rows + 2, OUT_TILE * cols + 2, c), x)
+        padded[:, :1].zero_()
+        padded[:, height + 1 :].zero_()
+        padded[:, 1 : height + 1, :1].zero_()
+        padded[:, 1 : height + 1, width + 1 :].zero_()
+        padded[:, 1 : height + 1, 1 : width + 1] = x.permute(0, 2, 3, 1)
+        d = _WORKSPACE.get(2, (IN_TILE, IN_TILE, n, rows, cols, c), x)  # [row, column]
+        d.copy_(padded.unfold(1, IN_TILE, OUT_TILE).unfold(2, IN_TILE, OUT_TILE).permute(4, 5, 0, 1, 2, 3))
+        # B^T d B, (36, T, C), [column, row]: a new tensor when the weight gradient needs it.
+        v = None if keep_input else _WORKSPACE.get(3, (IN_TILE, IN_TILE, tiles * c), x)
+        v = _two_sided(bt, d.view(IN_TILE, IN_TILE, -1), out=v).view(IN_TILE**2, tiles, c)
         # G g G^T in the same [column, row] order: G ⊗ G applied to the filter's [column, row].
         u = (gg @ weight.permute(3, 2, 1, 0).reshape(9, c * out_channels)).view(IN_TILE**2, c, out_channels)
-        m = torch.bmm(v, u)  # (36, T, O): one matrix product per tile position
-        y = _two_sided(at, m.view(IN_TILE, IN_TILE, -1))  # A^T m A, (4, 4, T * O), [row, column]
-        y = y.view(OUT_TILE, OUT_TILE, n, rows, cols, out_channels).permute(2, 3, 0, 4, 1, 5)
-        y = y.reshape(n, OUT_TILE * rows, OUT_TILE * cols, out_channels)
+        m = _WORKSPACE.get(4, (IN_TILE**2, tiles, out_channels), x)
+        torch.bmm(v, u, out=m)  # one matrix product per tile position
+        y = _WORKSPACE.get(5, (OUT_TILE, OUT_TILE, tiles * out_channels), x)
+        _two_sided(at, m.view(IN_TILE, IN_TILE, -1), out=y)  # A^T m A, [row, column]
+        y = _new_copy(y.view(OUT_TILE, OUT_TILE, n, rows, cols, out_channels).permute(2, 3, 0, 4, 1, 5))
+        y = y.view(n, OUT_TILE * rows, OUT_TILE * cols, out_channels)
         if bias is not None:
             y += bias
-        ctx.save_for_backward(v, u)
+        ctx.save_for_backward(v if keep_input else None, u)
         ctx.shape = (n, c, height, width, rows, cols)
         ctx.has_bias = bias is not None
         return y[:, :height, :width].permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
@@ -193,9 +238,12 @@ class _WinogradConv3x3(torch.autograd.Function):
         out_channels = u.shape[2]
         tiles = n * rows * cols
         g = grad_out.permute(0, 2, 3, 1)  # (N, H, W, O)
-        g = F.pad(g, (0, 0, 0, OUT_TILE * cols - width, 0, OUT_TILE * rows - height))
-        g = g.reshape(n, rows, OUT_TILE, cols, OUT_TILE, out_channels).permute(2, 4, 0, 1, 3, 5)
-        dm = _two_sided(at.t(), g.reshape(OUT_TILE, OUT_TILE, tiles * out_channels))
+        if (OUT_TILE * rows, OUT_TILE * cols) != (height, width):
+            g = F.pad(g, (0, 0, 0, OUT_TILE * cols - width, 0, OUT_TILE * rows - height))
+        tiled = _WORKSPACE.get(1, (OUT_TILE, OUT_TILE, n, rows, cols, out_channels), g)
+        tiled.copy_(g.reshape(n, rows, OUT_TILE, cols, OUT_TILE, out_channels).permute(2, 4, 0, 1, 3, 5))
+        dm = _WORKSPACE.get(2, (IN_TILE, IN_TILE, tiles * out_channels), g)
+        _two_sided(at.t(), tiled.view(OUT_TILE, OUT_TILE, -1), out=dm)
         dm = dm.view(IN_TILE**2, tiles, out_channels)  # A dY A^T, (36, T, O), [column, row]
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[1]:
@@ -205,12 +253,19 @@ class _WinogradConv3x3(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum(dim=(0, 2, 3))
         if ctx.needs_input_grad[0]:
-            dv = torch.bmm(dm, u.transpose(1, 2))  # (36, T, C)
-            dd = _two_sided(bt.t(), dv.view(IN_TILE, IN_TILE, -1))  # B dV B^T, [row, column]
+            dv = _WORKSPACE.get(3, (IN_TILE**2, tiles, c), g)
+            torch.bmm(dm, u.transpose(1, 2), out=dv)  # (36, T, C)
+            dd = _WORKSPACE.get(4, (IN_TILE, IN_TILE, tiles * c), g)
+            _two_sided(bt.t(), dv.view(IN_TILE, IN_TILE, -1), out=dd)  # B dV B^T, [row, column]
             dd = dd.view(IN_TILE, IN_TILE, n, rows, cols, c)
-            grad_x = _overlap_add(dd)[:, 1 : height + 1, 1 : width + 1]
-            grad_x = grad_x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-        return grad_x, grad_w, grad_b
+            grad_x = _new_copy(_overlap_add(dd)[:, 1 : height + 1, 1 : width + 1]).permute(0, 3, 1, 2)
+        return grad_x, grad_w, grad_b, None
+
+
+def _new_copy(view: torch.Tensor) -> torch.Tensor:
+    """A new contiguous tensor with the values of ``view`` (never a workspace slot, unlike
+    ``contiguous()``, which returns ``view`` itself when it happens to be contiguous)."""
+    return torch.empty(view.shape, dtype=view.dtype, device=view.device).copy_(view)
 
 
 def _overlap_add(dd: torch.Tensor) -> torch.Tensor:
@@ -223,11 +278,13 @@ def _overlap_add(dd: torch.Tensor) -> torch.Tensor:
     """
     _, _, n, rows, cols, c = dd.shape
     # Columns: offsets 0-3 land in the tile's own 4 columns, offsets 4-5 in the next tile's.
-    by_cols = dd.new_zeros(IN_TILE, n, rows, cols + 1, OUT_TILE, c)
+    by_cols = _WORKSPACE.get(5, (IN_TILE, n, rows, cols + 1, OUT_TILE, c), dd)
+    by_cols[:, :, :, cols:].zero_()
     by_cols[:, :, :, :cols] = dd[:, :OUT_TILE].permute(0, 2, 3, 4, 1, 5)
     by_cols[:, :, :, 1:, :2] += dd[:, OUT_TILE:].permute(0, 2, 3, 4, 1, 5)
     # Rows, the same way.
-    out = dd.new_zeros(n, rows + 1, OUT_TILE, cols + 1, OUT_TILE, c)
+    out = _WORKSPACE.get(6, (n, rows + 1, OUT_TILE, cols + 1, OUT_TILE, c), dd)
+    out[:, rows:].zero_()
     out[:, :rows] = by_cols[:OUT_TILE].permute(1, 2, 0, 3, 4, 5)
     out[:, 1:, :2] += by_cols[OUT_TILE:].permute(1, 2, 0, 3, 4, 5)
     return out.view(n, OUT_TILE * (rows + 1), OUT_TILE * (cols + 1), c)
@@ -243,4 +300,5 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
     :param bias: (O,) or None.
     :return: (N, O, H, W) in channels-last memory layout.
     """
-    return _WinogradConv3x3.apply(x, weight, bias)
+    keep_input = torch.is_grad_enabled() and weight.requires_grad  # the weight gradient needs B^T d B
+    return _WinogradConv3x3.apply(x, weight, bias, keep_input)

@@ -190,3 +190,46 @@ def test_empty_batch_and_no_double_backward():
     (grad_x,) = torch.autograd.grad(winograd.conv3x3(x, weight).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):
         grad_x.sum().backward()
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 4, 4), (1, 2, 1, 5), (2, 3, 9, 8)])
+def test_results_never_share_memory_with_the_workspace(shape):
+    """Outputs and gradients of earlier calls survive later calls (which reuse the scratch buffers)."""
+    gen = torch.Generator().manual_seed(4)
+    weight = torch.randn(3, shape[1], 3, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    xs = [torch.randn(shape, dtype=torch.float64, generator=gen, requires_grad=True) for _ in range(2)]
+    grad_out = torch.randn(shape[0], 3, *shape[2:], dtype=torch.float64, generator=gen)
+    outs = [winograd.conv3x3(x, weight) for x in xs]
+    grads = [torch.autograd.grad(out, (x, weight), grad_out) for out, x in zip(outs, xs)]
+    with torch.no_grad():
+        later = winograd.conv3x3(torch.randn(shape, dtype=torch.float64, generator=gen), weight)
+    assert later.abs().sum() > 0
+    for out, (grad_x, grad_w), x in zip(outs, grads, xs):
+        ref = F.conv2d(x, weight, padding=1)
+        torch.testing.assert_close(out, ref, **FLOAT64)
+        ref_x, ref_w = torch.autograd.grad(ref, (x, weight), grad_out)
+        torch.testing.assert_close(grad_x, ref_x, **FLOAT64)
+        torch.testing.assert_close(grad_w, ref_w, **FLOAT64)
+
+
+def test_threads_have_their_own_workspace():
+    import threading
+
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(8, 8, 3, 3, dtype=torch.float64, generator=gen)
+    inputs = [torch.randn(2, 8, 4 * (i + 2), 12, dtype=torch.float64, generator=gen) for i in range(4)]
+    results = {}
+
+    def work(i):
+        for _ in range(20):
+            results[i] = winograd.conv3x3(inputs[i], weight)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, x in enumerate(inputs):
+        torch.testing.assert_close(results[i], F.conv2d(x, weight, padding=1), **FLOAT64)
+    winograd.release_workspace()
+    assert not winograd._WORKSPACE.buffers
