@@ -20,6 +20,10 @@ Layout: everything runs channels-last (``N, H, W, C`` in memory), where the tile
 scattering copy contiguous channel vectors; the output is a channels-last ``(N, O, H, W)``
 tensor, which the following layers keep.
 
+Memory: training keeps each convolution's transformed input (2.25x its input) for the weight
+gradient instead of the input itself, and every thread keeps one scratch buffer per temporary,
+sized for the largest layer seen (:func:`release_workspace` frees them).
+
 Accuracy: the transforms' constants (up to 8 and 1/24) cost a few bits, so the result differs
 from the direct convolution by about 1e-5 of the output's scale in float32 (measured by
 ``tests/test_winograd.py``), far below bfloat16 or TF32 rounding. The network uses this path
