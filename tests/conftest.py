@@ -17,6 +17,19 @@ def _seed_and_threads():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """
+    One intra-op thread for a whole test module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    the suite's tiny models run fastest on one thread, and two threads per process only spin
+    against each other on a shared 2-core machine.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _restore_speed_switches():
     """Scripts run in-process set the global speed switches from their flags; undo that."""

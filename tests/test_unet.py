@@ -18,13 +18,7 @@ FLOAT32 = dict(rtol=1e-5, atol=1e-5)
 BF16_REL_L2 = 3e-2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One CPU thread: on the shared 2-core machine two threads per process only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _golden_model(name: str):

@@ -15,12 +15,7 @@ FLOAT64 = dict(rtol=0, atol=1e-11)
 FLOAT32_REL = 5e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
