@@ -1,5 +1,5 @@
 """
-Speed benchmarks (issue #9): every speed option against the plain float32 path, measured side
+Speed benchmarks: every speed option against the plain float32 path, measured side
 by side in one run (interleaved repetitions, median), reported as ratios.
 
 Benchmarks, one JSON line each (device, threads, torch version, machine, date included):
@@ -16,7 +16,7 @@ Benchmarks, one JSON line each (device, threads, torch version, machine, date in
 
 Variants (each is the plain path plus one option, except ``default`` and ``best``):
 ``plain`` = every speed switch off, float32, contiguous NCHW, for-loop AdamW;
-one variant per ``improved_diffusion.nn.SpeedSwitches`` field (e.g. ``sdpa``);
+one variant per ``improved_diffusion.nn.SpeedSettings`` field (e.g. ``sdpa``);
 ``channels_last``; ``fused_adamw``; ``compile`` (with ``--compile``); ``bf16`` (on GPUs and on
 CPUs with native bfloat16, or with ``--bf16``); ``fp16`` (GPU); ``default`` = the library's
 defaults; ``best`` = defaults plus every float32 option (plus compile with ``--compile``);
@@ -44,10 +44,11 @@ import torch
 import torch.nn.functional as F
 
 from improved_diffusion import dist_util, logger, winograd
-from improved_diffusion import nn as inn
 from improved_diffusion.errors import UserError, run_main
-from improved_diffusion.precision import MixedPrecision
+from improved_diffusion.nn import SpeedSettings
+from improved_diffusion.precision import MixedPrecision, ModelCall
 from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from improved_diffusion.train_setup import compile_model
 from improved_diffusion.train_util import TrainLoop
 
 BENCHMARKS = ("train", "sample_step", "sample_loop", "nll", "bf16", "ops")
@@ -79,7 +80,7 @@ class Variant:
     """
     One way of running the same computation.
 
-    :param switches: ``nn.SpeedSwitches`` values to set (missing ones keep the library default).
+    :param switches: ``nn.SpeedSettings`` values of the model (missing ones keep the library default).
     :param channels_last: channels-last activations and weights; None = the library default.
     :param fused_adamw: ``AdamW(fused=True)`` instead of the training loop's optimizer.
     :param compile: ``torch.compile`` the network.
@@ -95,7 +96,12 @@ class Variant:
 
 
 def _switch_names() -> List[str]:
-    return [f.name for f in dataclasses.fields(inn.SpeedSwitches)]
+    return [f.name for f in dataclasses.fields(SpeedSettings)]
+
+
+def _speed(variant: Variant) -> SpeedSettings:
+    """The model's speed settings in ``variant``."""
+    return SpeedSettings(**variant.switches)
 
 
 def _native_bf16(device: torch.device) -> bool:
@@ -248,41 +254,20 @@ def _channels_last(variant: Variant) -> bool:
 
 def _compile(model: torch.nn.Module, enabled: bool) -> None:
     """What ``image_train.py --compile True`` does: ``torch.compile`` in place, eager fallback."""
-    if enabled:
-        from improved_diffusion.train_setup import compile_model
-
-        compile_model(model, True)
+    compile_model(model, enabled)
 
 
-def _in_variant(variant: Variant, fn: Callable[[], Any]) -> Callable[[], None]:
-    """``fn`` under the variant's speed switches."""
-
-    def run() -> None:
-        with inn.speed_switches(**variant.switches):
-            fn()
-
-    return run
-
-
-class _Inference(torch.nn.Module):
-    """A model call with the variant's layout and autocast; float32 output."""
+class _Inference(ModelCall):
+    """A model call with the variant's speed settings, layout and autocast; float32 output."""
 
     def __init__(self, model: torch.nn.Module, variant: Variant, device: torch.device):
-        super().__init__()
         self.variant = variant
-        self.channels_last = _channels_last(variant)
-        if self.channels_last:
+        model.set_speed(_speed(variant))
+        if _channels_last(variant):
             model = model.to(memory_format=torch.channels_last)
         _compile(model, variant.compile)
-        self.model = model
-        self.precision = MixedPrecision(device, use_fp16=variant.amp == "fp16", use_bf16=variant.amp == "bf16")
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with self.precision.autocast():
-            out = self.model(x, t, **kwargs)
-        return out.float()
+        precision = MixedPrecision(device, use_fp16=variant.amp == "fp16", use_bf16=variant.amp == "bf16")
+        super().__init__(model, precision, channels_last=_channels_last(variant))
 
 
 def _inference_models(model: torch.nn.Module, variants: Dict[str, Variant], device: torch.device):
@@ -294,6 +279,7 @@ def _inference_models(model: torch.nn.Module, variants: Dict[str, Variant], devi
 
 def _train_loop(model: torch.nn.Module, diffusion: Any, variant: Variant, batch_size: int, log_dir: str) -> TrainLoop:
     options = inspect.signature(TrainLoop).parameters
+    model.set_speed(_speed(variant))
     kwargs: Dict[str, Any] = dict(
         model=model,
         diffusion=diffusion,
@@ -338,7 +324,7 @@ def bench_train(args, device, variants, configs) -> None:
             for name, variant in variants.items():
                 loop = _train_loop(copy.deepcopy(model), diffusion, variant, batch_size, log_dir)
                 loop.model.train()  # dropout on, as in run_loop
-                tasks[name] = _in_variant(variant, lambda loop=loop: loop.run_step(batch, {}))
+                tasks[name] = lambda loop=loop: loop.run_step(batch, {})
             stats = measure(tasks, device, args.repeats, args.warmup)
         record = _header("train", args, device)
         record.update(config=config_name, flags=flags, batch_size=batch_size, unit="images/s")
@@ -360,7 +346,7 @@ def bench_sample_step(args, device, variants, configs) -> None:
         with torch.no_grad():
             diffusion.p_sample(m, x, t)
 
-    tasks = {n: _in_variant(m.variant, lambda m=m: step(m)) for n, m in models.items()}
+    tasks = {n: lambda m=m: step(m) for n, m in models.items()}
     stats = measure(tasks, device, args.repeats, args.warmup)
     record = _header("sample_step", args, device)
     record.update(config="small", batch_size=batch_size, num_timesteps=diffusion.num_timesteps, unit="s/step")
@@ -382,7 +368,7 @@ def bench_sample_loop(args, device, variants, configs) -> None:
         torch.manual_seed(0)
         diffusion.p_sample_loop(m, shape, noise=noise, device=device)
 
-    tasks = {n: _in_variant(m.variant, lambda m=m: loop(m)) for n, m in models.items()}
+    tasks = {n: lambda m=m: loop(m) for n, m in models.items()}
     stats = measure(tasks, device, args.repeats, args.warmup)
     record = _header("sample_loop", args, device)
     record.update(config="small", batch_size=batch_size, num_timesteps=diffusion.num_timesteps, unit="s/loop")
@@ -404,9 +390,9 @@ def bench_nll(args, device, variants, configs) -> None:
         with torch.no_grad():
             outputs[name] = diffusion.calc_bpd_loop(plain, x_start, timestep_batch=k)
 
-    tasks = {"plain": _in_variant(plain.variant, lambda: bpd("plain", 1))}
+    tasks = {"plain": lambda: bpd("plain", 1)}
     for k in args.timestep_batch:
-        tasks[f"timestep_batch_{k}"] = _in_variant(plain.variant, lambda k=k: bpd(f"timestep_batch_{k}", k))
+        tasks[f"timestep_batch_{k}"] = lambda k=k: bpd(f"timestep_batch_{k}", k)
     stats = measure(tasks, device, args.repeats, args.warmup)
     record = _header("nll", args, device)
     record.update(config="small", images=images, num_timesteps=diffusion.num_timesteps, unit="s/loop")
@@ -435,7 +421,7 @@ def bench_bf16(args, device, variants, configs) -> None:
         with torch.no_grad():
             losses[name] = diffusion.training_losses(models[name], x, t, noise=noise)["loss"]
 
-    tasks = {n: _in_variant(m.variant, lambda n=n: loss(n)) for n, m in models.items()}
+    tasks = {n: lambda n=n: loss(n) for n in models}
     stats = measure(tasks, device, max(1, args.repeats // 2), 1)
     record = _header("bf16", args, device)
     record.update(config="small", batch_size=batch_size, native_bf16=_native_bf16(device), unit="s/forward+loss")

@@ -1,21 +1,40 @@
 """
-Loading model weights with a useful error: a checkpoint that does not fit the model built from
-the flags raises a one-line :class:`~improved_diffusion.errors.UserError` naming the file, the
-first mismatched / missing / unexpected keys with their shapes, and the flags the checkpoint
-was probably trained with, read back from the shapes of its tensors.
+Checkpoint files, whoever writes them (the diffusion trainer, a classifier trainer): their
+names, atomic saving, finding the newest complete one, loading weights with a useful error,
+the random-generator / sampler / data state an exact resume needs, and the :func:`save` /
+:func:`resume` pair trainers call.
 
-Checkpoints are plain ``state_dict``s in the original implementation's layout (see SPEC.md,
-"Network architecture"); model, EMA and released files all load through :func:`load_model_state`.
+Files in a log folder keep the original's names: ``model{step:06d}.pt``,
+``ema_{rate}_{step:06d}.pt`` and ``opt{step:06d}.pt``, where ``step`` is the number of steps
+done (the original named mid-training saves one lower; old names still parse). A fourth file,
+``state{step:06d}.pt``, holds everything else a bit-exact resume needs (random generators of
+every rank, data position, loss-aware sampler history, loss scale) as plain tensors and
+numbers, so every file loads with ``weights_only=True``. It is written last, so its presence
+marks a complete checkpoint; ``resume_checkpoint="auto"`` picks the newest complete one.
+
+Weights are plain ``state_dict``s in the original's layout. A checkpoint that does not fit the
+model built from the flags raises a one-line :class:`~improved_diffusion.errors.UserError`
+naming the file, the first mismatched / missing / unexpected keys with their shapes, and the
+flags the checkpoint was probably trained with, read back from the shapes of its tensors.
 """
 
+import dataclasses
+import os
+import random
 import re
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 
+from . import dist_util, logger
 from .errors import UserError
+from .fileio import atomic_torch_save, remove_quietly, remove_stale_temporaries, safe_torch_load
+from .unet import CHANNEL_MULTS
 
+AUTO_RESUME = "auto"
+STATE_VERSION = 1
 MAX_LISTED = 3  # keys listed per kind of mismatch
 # Flags shown in suggestions, in the order of the original's flag list.
 _FLAG_ORDER = (
@@ -112,8 +131,6 @@ def guess_flags_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[
 
 def _size_for_channel_mult(mult: Tuple[int, ...]) -> Optional[int]:
     """The one known image size whose default multipliers are ``mult``, else None."""
-    from .script_util import CHANNEL_MULTS  # lazy: script_util imports the whole library
-
     sizes = [size for size, m in CHANNEL_MULTS.items() if tuple(m) == mult]
     return sizes[0] if len(sizes) == 1 else None
 
@@ -196,7 +213,7 @@ def load_model_state(
     and the flags that probably differ, as guessed by :func:`guess_flags_from_state_dict`.
 
     :param model: the model built from the flags.
-    :param state_dict: the checkpoint's tensors (original key layout).
+    :param state_dict: the checkpoint's tensors (the original's key layout).
     :param source: where the checkpoint came from (a path), for the message.
     :param flags: the MODEL flags the model was built from (e.g. ``args_to_dict(args, keys)``),
         shown beside the guessed ones; without them the model's own guessed flags are shown.
@@ -218,3 +235,297 @@ def load_model_state(
         message += "; it is a super-resolution model (6 input channels): use the super_res scripts"
     message += "; --num_heads and --num_heads_upsample are not stored in a checkpoint, keep the training values"
     raise UserError(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# file names
+
+
+def checkpoint_files(folder: str, step: int, ema_rates: Sequence[float]) -> Dict[str, Any]:
+    """Paths of one checkpoint: ``{"model": str, "ema": [str per rate], "opt": str, "state": str}``."""
+    return {
+        "model": os.path.join(folder, f"model{step:06d}.pt"),
+        "ema": [os.path.join(folder, f"ema_{rate}_{step:06d}.pt") for rate in ema_rates],
+        "opt": os.path.join(folder, f"opt{step:06d}.pt"),
+        "state": os.path.join(folder, f"state{step:06d}.pt"),
+    }
+
+
+def parse_resume_step_from_filename(filename: str) -> int:
+    """
+    Parse filenames of the form path/to/modelNNNNNN.pt, where NNNNNN is the checkpoint's
+    number of steps (the original's rule: the digits after the last "model"; 0 if none).
+    """
+    split = filename.split("model")
+    if len(split) < 2:
+        return 0
+    split1 = split[-1].split(".")[0]
+    try:
+        return int(split1)
+    except ValueError:
+        return 0
+
+
+def find_resume_checkpoint() -> Optional[str]:
+    """Hook for infrastructure that finds checkpoints by itself; None here, as in the original."""
+    return None
+
+
+def find_ema_checkpoint(main_checkpoint: Optional[str], step: int, rate: float) -> Optional[str]:
+    """The EMA file beside ``main_checkpoint`` for ``step`` and ``rate``, or None if absent."""
+    if main_checkpoint is None:
+        return None
+    path = os.path.join(os.path.dirname(main_checkpoint), f"ema_{rate}_{step:06d}.pt")
+    return path if os.path.exists(path) else None
+
+
+def newest_complete_checkpoint(folder: str, ema_rates: Sequence[float]) -> Optional[int]:
+    """
+    Step of the newest checkpoint in ``folder`` whose model, optimizer and train-state files
+    exist and load (the state file is written last, so it marks a finished save). EMA files of
+    the given rates are loaded when present; one missing because ``--ema_rate`` gained a rate
+    does not disqualify the checkpoint (that EMA restarts from the weights). In a folder written
+    by the original code (no state files at all), model and optimizer suffice. Incomplete
+    checkpoints are skipped with a logged note.
+    """
+    if not os.path.isdir(folder):
+        return None
+    names = set(os.listdir(folder))
+    steps = {int(n[5:-3]) for n in names if n.startswith("model") and n.endswith(".pt") and n[5:-3].isdigit()}
+    original_layout = not any(n.startswith("state") and n.endswith(".pt") for n in names)
+    for step in sorted(steps, reverse=True):
+        files = checkpoint_files(folder, step, ema_rates)
+        required = [files["model"], files["opt"]] + ([] if original_layout else [files["state"]])
+        missing = [p for p in required if not os.path.isfile(p)]
+        if missing:
+            logger.log(f"resume: skipping incomplete checkpoint {step}: missing {os.path.basename(missing[0])}")
+            continue
+        saved_rates: list = []
+        try:
+            for path in required + [p for p in files["ema"] if os.path.isfile(p)]:
+                loaded = safe_torch_load(path)
+                if path == files["state"] and isinstance(loaded, dict):
+                    saved_rates = [float(r) for r in loaded.get("ema_rate", [])]
+        except UserError as exc:
+            logger.log(f"resume: skipping checkpoint {step}: {exc}")
+            continue
+        lost = [p for r, p in zip(ema_rates, files["ema"]) if float(r) in saved_rates and not os.path.isfile(p)]
+        if lost:  # that save wrote this EMA: its file is gone, not merely new
+            logger.log(f"resume: skipping incomplete checkpoint {step}: missing {os.path.basename(lost[0])}")
+            continue
+        return step
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# random generators, sampler and data position
+
+
+def get_rng_state() -> Dict[str, Any]:
+    """torch (CPU and CUDA), NumPy and Python generator states as tensors and plain numbers."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore :func:`get_rng_state` (CUDA states only when this machine has the same GPUs)."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def get_sampler_state(sampler: Any) -> Dict[str, Any]:
+    """A sampler's state: its ``state_dict()``, else its NumPy array attributes as tensors."""
+    if hasattr(sampler, "state_dict"):
+        return sampler.state_dict()
+    return {k: torch.from_numpy(np.array(v)) for k, v in vars(sampler).items() if isinstance(v, np.ndarray)}
+
+
+def set_sampler_state(sampler: Any, state: Dict[str, Any]) -> None:
+    """Restore :func:`get_sampler_state` (arrays keep the dtype the sampler had)."""
+    if hasattr(sampler, "load_state_dict"):
+        sampler.load_state_dict(state)
+        return
+    for key, value in state.items():
+        old = getattr(sampler, key, None)
+        dtype = old.dtype if isinstance(old, np.ndarray) else None
+        setattr(sampler, key, value.numpy().astype(dtype) if dtype is not None else value.numpy())
+
+
+def _rank_state(sampler: Any, data: Any) -> Dict[str, Any]:
+    """This rank's generators, sampler history and data position."""
+    return {
+        "rng": get_rng_state(),
+        "sampler": get_sampler_state(sampler) if sampler is not None else {},
+        "data": data.state_dict() if hasattr(data, "state_dict") else None,
+    }
+
+
+def _restore_rank_state(mine: Dict[str, Any], sampler: Any, data: Any) -> None:
+    set_rng_state(mine["rng"])
+    if sampler is not None:
+        set_sampler_state(sampler, mine.get("sampler", {}))
+    if hasattr(data, "load_state_dict") and mine.get("data") is not None:
+        data.load_state_dict(mine["data"])
+    elif mine.get("data") is not None:
+        logger.log("resume: the data iterator has no load_state_dict; data order starts afresh")
+
+
+# ---------------------------------------------------------------------------------------------
+# save / resume
+
+
+@dataclasses.dataclass
+class TrainingState:
+    """
+    What a trainer checkpoints: the model, its optimizer, EMA copies of its parameters (one
+    list per rate, in ``model.parameters()`` order), and optionally the timestep sampler and
+    the data iterator whose states are saved per rank.
+    """
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    ema_rates: Sequence[float] = ()
+    ema_params: Sequence[Sequence[torch.Tensor]] = ()
+    sampler: Any = None
+    data: Any = None
+
+    def ema_state_dict(self, index: int) -> Dict[str, torch.Tensor]:
+        """The model's state_dict with the EMA weights of ``ema_rates[index]`` in place."""
+        state_dict = self.model.state_dict()
+        for (name, _), value in zip(self.model.named_parameters(), self.ema_params[index]):
+            state_dict[name] = value
+        return state_dict
+
+
+def save(folder: str, step: int, training: TrainingState, extra: Optional[Dict[str, Any]] = None) -> None:
+    """
+    Write model, EMA, optimizer and train-state files for ``step`` (rank 0 writes, every rank
+    must call: each contributes its generators), the state file last. A failed write (e.g. a
+    full disk) removes this step's files, leaves earlier checkpoints intact and raises the same
+    UserError on every rank.
+
+    :param extra: trainer-specific entries of the train-state file (plain tensors and numbers).
+    """
+    state = {
+        "version": STATE_VERSION,
+        "step": step,
+        "ema_rate": [float(r) for r in training.ema_rates],
+        **(extra or {}),
+        "ranks": dist_util.gather_objects(_rank_state(training.sampler, training.data)),
+    }
+    files = checkpoint_files(folder, step, training.ema_rates)
+    error = dist_util.decided_by_rank0(lambda: _write_checkpoint(files, training, state))
+    if error:
+        raise UserError(f"{error}; training stopped at step {step}, earlier checkpoints are intact")
+    logger.log(f"saved checkpoint for step {step} in {folder}")
+
+
+def _write_checkpoint(files: Dict[str, Any], training: TrainingState, state: Dict[str, Any]) -> Optional[str]:
+    writes = [(files["model"], lambda: training.model.state_dict())]
+    writes += [(path, lambda i=i: training.ema_state_dict(i)) for i, path in enumerate(files["ema"])]
+    writes += [(files["opt"], lambda: training.opt.state_dict()), (files["state"], lambda: state)]
+    try:
+        for path, make in writes:
+            atomic_torch_save(make(), path)
+    except UserError as exc:
+        for path, _ in writes:
+            remove_quietly(path)
+        return str(exc)
+    return None
+
+
+def resume(resume_checkpoint: str, folder: str, training: TrainingState) -> Tuple[Optional[int], Dict[str, Any]]:
+    """
+    Load a checkpoint into ``training`` (every rank; files are read once, on rank 0).
+
+    :param resume_checkpoint: ``""`` (start afresh), a ``modelNNNNNN.pt`` path, or ``"auto"``:
+        the newest complete checkpoint in ``folder`` (none: start afresh).
+    :param folder: the trainer's log folder; temporaries of saves killed mid-write are removed.
+    :return: the number of steps the checkpoint holds (None when starting afresh) and the
+        shared entries of its train-state file (``{}`` when it has none).
+    """
+    if dist_util.get_rank() == 0:
+        removed = remove_stale_temporaries(folder)
+        if removed:
+            logger.log(f"removed {removed} temporary file(s) of interrupted saves from {folder}")
+    path, step = _resolve_resume(find_resume_checkpoint() or resume_checkpoint, folder, training.ema_rates)
+    if path is None:
+        return None, {}
+    logger.log(f"resuming from {path} (step {step})")
+    files = checkpoint_files(os.path.dirname(path), step, training.ema_rates)
+    load_model_state(training.model, dist_util.load_state_dict(path, map_location="cpu"), path)
+    _load_emas(training, files["ema"])
+    if dist_util.decided_by_rank0(lambda: os.path.isfile(files["opt"])):
+        opt_state = dist_util.load_state_dict(files["opt"], map_location="cpu")
+        try:
+            training.opt.load_state_dict(opt_state)
+        except (ValueError, KeyError) as exc:
+            raise UserError(
+                f"optimizer state {files['opt']} does not fit this model ({exc}); "
+                "move it away to resume with a fresh optimizer"
+            ) from exc
+    if not dist_util.decided_by_rank0(lambda: os.path.isfile(files["state"])):
+        logger.log(f"resume: no {files['state']}; random generators and data order start afresh")
+        return step, {}
+    state = dist_util.load_state_dict(files["state"], map_location="cpu")
+    ranks = state.pop("ranks", [])
+    if len(ranks) != dist_util.get_world_size():
+        logger.log(
+            f"resume: {files['state']} was written by {len(ranks)} process(es), now {dist_util.get_world_size()}; "
+            "random generators and data order start afresh"
+        )
+    else:
+        _restore_rank_state(ranks[dist_util.get_rank()], training.sampler, training.data)
+    return step, state
+
+
+def _resolve_resume(resume: str, folder: str, ema_rates: Sequence[float]) -> Tuple[Optional[str], int]:
+    """The model file to resume from (or None) and the number of steps it holds."""
+    if not resume:
+        return None, 0
+    if resume == AUTO_RESUME:
+        step = dist_util.decided_by_rank0(lambda: newest_complete_checkpoint(folder, ema_rates))
+        if step is None:
+            logger.log(f"resume: no complete checkpoint in {folder}; starting from scratch")
+            return None, 0
+        return checkpoint_files(folder, step, ema_rates)["model"], step
+    if not dist_util.decided_by_rank0(lambda: os.path.isfile(resume)):
+        raise UserError(f"--resume_checkpoint {resume}: no such file")
+    return resume, parse_resume_step_from_filename(os.path.basename(resume))
+
+
+def _load_emas(training: TrainingState, paths: Sequence[str]) -> None:
+    """Each EMA from its file; one without a file (a new rate) restarts from the model weights."""
+    named = list(training.model.named_parameters())
+    for ema, path in zip(training.ema_params, paths):
+        if not dist_util.decided_by_rank0(lambda p=path: os.path.isfile(p)):
+            logger.log(f"resume: no {path}; that EMA restarts from the model weights")
+            for e, (_, p) in zip(ema, named):
+                e.copy_(p.detach())
+            continue
+        state_dict = dist_util.load_state_dict(path, map_location="cpu")
+        for (name, _), target in zip(named, ema):
+            value = state_dict.get(name)
+            if value is None or value.shape != target.shape:
+                found = "missing" if value is None else f"shape {tuple(value.shape)}"
+                raise UserError(f"EMA checkpoint {path}: {name} is {found}, the model has {tuple(target.shape)}")
+            target.copy_(value.to(target.device, torch.float32))

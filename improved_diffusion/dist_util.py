@@ -31,7 +31,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -290,6 +290,24 @@ def _broadcast_file(path: str) -> bytes:
     return data if get_rank() == 0 else buffer.cpu().numpy().tobytes()
 
 
+def decided_by_rank0(decide: Callable[[], Any]) -> Any:
+    """Run ``decide`` on rank 0 only and hand its (picklable) answer to every rank."""
+    if get_world_size() == 1 or not is_initialized():
+        return decide()
+    box = [decide() if get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> List[Any]:
+    """Every rank's picklable ``obj``, in rank order (a one-element list for one process)."""
+    if get_world_size() == 1 or not is_initialized():
+        return [obj]
+    out: List[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def sync_params(params: Iterable[torch.Tensor]) -> None:
     """
     Copy rank 0's values into ``params`` on every rank (in place; no-op for one process).
@@ -398,7 +416,7 @@ def abort_job(exit_code: int = 1) -> None:
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is not None:
         # MPI_Abort can tear down mpiexec's output forwarding before it has passed on what this
-        # rank just printed (fault F5): give it a moment.
+        # rank just printed: give it a moment.
         time.sleep(0.5)
         mpi.COMM_WORLD.Abort(exit_code)
     os._exit(exit_code)

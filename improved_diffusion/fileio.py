@@ -14,6 +14,7 @@ import os
 import tempfile
 from typing import Any, BinaryIO, Callable, Iterable
 
+import blobfile as bf
 import numpy as np
 import torch
 
@@ -40,14 +41,15 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
         raise UserError(f"could not write {path}: {exc.strerror or exc}") from exc
     except BaseException:
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
         raise
 
 
-def _remove_quietly(path: str) -> None:
+def remove_quietly(path: str) -> None:
+    """Delete ``path`` if it exists; errors (already gone, no permission) are ignored."""
     try:
         os.remove(path)
     except OSError:
@@ -72,8 +74,6 @@ def atomic_save_json(obj: Any, path: str) -> None:
 
 def read_bytes(path: str) -> bytes:
     """Read a whole file (local or any blobfile URL); a missing or unreadable file is a UserError."""
-    import blobfile as bf
-
     try:
         with bf.BlobFile(path, "rb") as f:
             return f.read()

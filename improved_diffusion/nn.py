@@ -1,17 +1,16 @@
 """
 Layers and helpers shared by the UNet: the sinusoidal timestep embedding of [DDPM §4]
 (Transformer-style, as used by [IDDPM App. A]), float32 group normalisation, dimension-generic
-convolution / pooling constructors, zero-initialisation helpers, gradient checkpointing, and
-the project's speed switches.
+convolution / pooling constructors, layout-independent dropout, zero-initialisation helpers,
+gradient checkpointing, and the speed settings a model carries.
 
 Mixed precision: every layer here works under ``torch.autocast`` (float16 or bfloat16).
 :func:`normalization` always computes in float32 and casts back, as the original's GroupNorm32.
 """
 
-import contextlib
 import dataclasses
 import math
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -21,15 +20,15 @@ import torch.utils.checkpoint
 from . import winograd
 
 # ---------------------------------------------------------------------------------------------
-# Speed switches: the one place for knobs that change speed but not results (within float32
-# tolerance). Read by the layers at call time; scripts set them once in main() and log
-# speed_switches_summary() once.
+# Speed settings: knobs that change speed but not results (within float32 tolerance). They are
+# a model's own setting (constructor argument or :func:`apply_speed`), never process state, so
+# two models in one process can differ.
 
 
-@dataclasses.dataclass
-class SpeedSwitches:
+@dataclasses.dataclass(frozen=True)
+class SpeedSettings:
     """
-    Speed knobs of the network.
+    Speed knobs of a network.
 
     :param sdpa: attention through ``F.scaled_dot_product_attention`` (flash / memory-efficient
         kernels on GPU) instead of the plain ``softmax(q k^T / sqrt(d)) v`` formula with a
@@ -37,39 +36,26 @@ class SpeedSwitches:
     :param winograd: float32 3x3 convolutions on CPUs through Winograd F(4x4, 3x3)
         (:mod:`improved_diffusion.winograd`: 4x fewer multiplications, channels-last output)
         instead of the direct convolution; differs from it by ~1e-5 relative. Never used on
-        GPUs, under autocast or inside ``torch.compile``.
+        GPUs, under autocast or inside ``torch.compile``, so the default (both on) is the
+        fastest exact-enough path on every device.
     """
 
     sdpa: bool = True
     winograd: bool = True
 
-
-SPEED = SpeedSwitches()
-
-
-def set_speed_switches(**switches: bool) -> None:
-    """Set speed switches by name, e.g. ``set_speed_switches(sdpa=False)``."""
-    for name, value in switches.items():
-        if not hasattr(SPEED, name):
-            known = ", ".join(f.name for f in dataclasses.fields(SpeedSwitches))
-            raise ValueError(f"unknown speed switch {name!r} (known: {known})")
-        setattr(SPEED, name, bool(value))
+    def summary(self) -> str:
+        """One line for the log, e.g. ``speed settings: sdpa=True, winograd=True``."""
+        return "speed settings: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items())
 
 
-@contextlib.contextmanager
-def speed_switches(**switches: bool) -> Iterator[SpeedSwitches]:
-    """Context manager that sets speed switches and restores the previous values on exit."""
-    saved = dataclasses.replace(SPEED)
-    set_speed_switches(**switches)
-    try:
-        yield SPEED
-    finally:
-        set_speed_switches(**dataclasses.asdict(saved))
+PLAIN_SPEED = SpeedSettings(sdpa=False, winograd=False)  # the original's computation
 
 
-def speed_switches_summary() -> str:
-    """One line describing the current speed switches, for the log."""
-    return "speed switches: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(SPEED).items())
+def apply_speed(module: nn.Module, speed: SpeedSettings) -> None:
+    """Give every speed-aware layer inside ``module`` (those with ``set_speed``) the settings ``speed``."""
+    for child in module.modules():
+        if child is not module and hasattr(child, "set_speed"):
+            child.set_speed(speed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,13 +85,39 @@ def normalization(channels: int) -> nn.Module:
 
 
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` (same parameters and state_dict keys) that takes the Winograd path when
-    ``SPEED.winograd`` is on and :func:`improved_diffusion.winograd.applicable` says it can."""
+    """``nn.Conv2d`` (same parameters and state_dict keys) that takes the Winograd path when its
+    ``use_winograd`` setting is on and :func:`improved_diffusion.winograd.applicable` says it can."""
+
+    def __init__(self, *args: Any, use_winograd: bool = True, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.use_winograd = use_winograd
+
+    def set_speed(self, speed: SpeedSettings) -> None:
+        """Take the ``winograd`` setting of ``speed``."""
+        self.use_winograd = speed.winograd
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if SPEED.winograd and winograd.applicable(self, x):
+        if self.use_winograd and winograd.applicable(self, x):
             return winograd.conv3x3(x, self.weight, self.bias)
         return super().forward(x)
+
+
+class Dropout(nn.Dropout):
+    """
+    ``nn.Dropout`` whose mask does not depend on the memory layout: the random numbers are
+    drawn in the logical (contiguous ``N, C, H, W``) order, so a channels-last activation gets
+    the same mask as the contiguous one for the same seed. On a contiguous input it draws and
+    computes exactly as ``F.dropout`` (``x * bernoulli(1 - p) / (1 - p)``).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if self.p == 1.0:
+            return x * 0.0
+        keep = 1.0 - self.p
+        noise = torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(keep).div_(keep)  # contiguous
+        return x * noise
 
 
 _CONVS = {1: nn.Conv1d, 2: Conv2d, 3: nn.Conv3d}

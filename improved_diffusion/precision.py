@@ -15,7 +15,7 @@ slow or unsupported for many ops, and bfloat16 is what CPUs accelerate.
 
 import contextlib
 import math
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, Optional
 
 import torch
 
@@ -44,10 +44,7 @@ class MixedPrecision:
         fp16_scale_growth: float = 1e-3,
         log: Optional[Any] = None,
     ):
-        if use_fp16 and use_bf16:
-            raise UserError("--use_fp16 and --use_bf16 exclude each other: pick one")
-        if use_fp16 and fp16_scale_growth <= 0:
-            raise UserError(f"--fp16_scale_growth {fp16_scale_growth}: must be positive")
+        check_precision_flags(use_fp16, use_bf16, fp16_scale_growth)
         self.device = torch.device(device)
         self.dtype: Optional[torch.dtype] = None
         self.scaler: Optional[torch.amp.GradScaler] = None
@@ -129,6 +126,43 @@ class MixedPrecision:
         """Restore :meth:`state_dict`; a state without scaler leaves the initial scale."""
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+
+
+def check_precision_flags(use_fp16: bool, use_bf16: bool, fp16_scale_growth: float = 1e-3) -> None:
+    """A UserError naming the flag for fp16 together with bf16, or a loss-scale growth <= 0."""
+    if use_fp16 and use_bf16:
+        raise UserError("--use_fp16 and --use_bf16 exclude each other: pick one")
+    if fp16_scale_growth <= 0:
+        raise UserError(f"--fp16_scale_growth {fp16_scale_growth}: must be positive")
+
+
+class ModelCall:
+    """
+    The precision and layout boundary around a network, used by the trainer, the samplers and
+    the benchmarks alike: the input optionally goes channels-last, the forward runs under the
+    autocast of ``precision`` (none: float32), and the output comes back as float32, so the
+    diffusion's own arithmetic (losses, posterior, bits/dim) always stays in float32.
+
+    :param model: the network, called as ``model(x, t, **kwargs)``.
+    :param precision: a :class:`MixedPrecision`, or None for float32.
+    :param channels_last: make 4-d inputs channels-last first.
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., torch.Tensor],
+        precision: Optional[MixedPrecision] = None,
+        channels_last: bool = False,
+    ):
+        self.model, self.precision, self.channels_last = model, precision, channels_last
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """:param x: shape ``(N, C, ...)``. :return: the model output, float32."""
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.precision.autocast() if self.precision is not None else contextlib.nullcontext():
+            out = self.model(x, t, **kwargs)
+        return out.float()
 
 
 def grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:

@@ -21,20 +21,25 @@ gathers them back into index order, so the archive's order does not depend on ``
 """
 
 import argparse
+import contextlib
 import functools
 import os
 import shlex
 import sys
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from . import dist_util, logger
+from .checkpoints import load_model_state
 from .errors import UserError
 from .fileio import atomic_save_npz
+from .flags import sampling_defaults  # noqa: F401  (importable from here, as before)
 from .image_utils import save_sample_grid, to_uint8_nhwc
-from .script_util import NUM_CLASSES, args_to_dict, speed_defaults
+from .precision import MixedPrecision, ModelCall
+from .script_util import NUM_CLASSES, args_to_dict, speed_from_args
 
 # Tags keep the seed streams of start noise and step noise apart.
 _SAMPLE_STREAM = 0
@@ -44,27 +49,6 @@ IMAGE_SAMPLE_SCRIPT = 0
 SUPER_RES_SCRIPT = 1
 
 KwargsFn = Callable[[np.ndarray, List[torch.Generator]], Dict[str, torch.Tensor]]
-
-
-def sampling_defaults() -> Dict[str, Any]:
-    """
-    Flags shared by the sampling scripts: the original's (clip_denoised, num_samples,
-    batch_size, use_ddim, model_path) and ours (log_dir, seed, eta, num_grid, use_bf16, and
-    the speed switches of :func:`script_util.speed_defaults`).
-    """
-    return dict(
-        clip_denoised=True,
-        num_samples=10000,
-        batch_size=16,
-        use_ddim=False,
-        model_path="",
-        log_dir="",
-        seed=0,
-        eta=0.0,
-        num_grid=64,
-        use_bf16=False,
-        **speed_defaults(),
-    )
 
 
 def add_grid_alias(parser: argparse.ArgumentParser) -> None:
@@ -126,9 +110,32 @@ def build_model_and_diffusion(
     Build the model and diffusion from the MODEL/DIFFUSION flags ``keys`` (on the CPU, before
     any log folder or process group exists, so bad flag values fail first).
 
-    :return: ``(model, diffusion)``.
+    :return: ``(model, diffusion)``, the model with the speed settings of the SPEED flags.
     """
-    return create_fn(**args_to_dict(args, keys))
+    return create_fn(**args_to_dict(args, keys), speed=speed_from_args(args))
+
+
+@contextlib.contextmanager
+def model_session(
+    args: argparse.Namespace,
+    taken: Dict[str, Any],
+    argv: Optional[Sequence[str]],
+    model: torch.nn.Module,
+    keys: Iterable[str],
+) -> Iterator[None]:
+    """
+    What every script that loads a trained model does before its work, as a context: join the
+    process group, abort every rank on an error inside, open the log folder, log the model's
+    speed settings and the flags taken from ``args.json``, and load ``--model_path``.
+    """
+    dist_util.setup_dist()
+    with dist_util.abort_on_error():
+        logger.configure(dir=args.log_dir or None)
+        logger.log(model.speed.summary())
+        log_saved_flags(taken, args.model_path, argv)
+        logger.log(f"loading {args.model_path}...")
+        load_checkpoint(model, args, keys)
+        yield
 
 
 def load_checkpoint(model: torch.nn.Module, args: argparse.Namespace, keys: Iterable[str]) -> None:
@@ -139,8 +146,6 @@ def load_checkpoint(model: torch.nn.Module, args: argparse.Namespace, keys: Iter
     only); a mismatch with the flags raises a UserError naming the checkpoint, the keys and
     shapes, and the flags that probably differ.
     """
-    from .checkpoints import load_model_state
-
     state_dict = dist_util.load_state_dict(args.model_path, map_location="cpu")
     load_model_state(model, state_dict, args.model_path, flags=args_to_dict(args, keys))
     model.to(dist_util.dev())
@@ -150,22 +155,14 @@ def load_checkpoint(model: torch.nn.Module, args: argparse.Namespace, keys: Iter
 
 def bf16_autocast(model: Callable[..., torch.Tensor], enabled: bool) -> Callable[..., torch.Tensor]:
     """
-    The model call under bfloat16 autocast when ``enabled``, its output cast back to float32,
-    so the diffusion's own arithmetic (posterior, KL, bits/dim) stays in float32.
+    The model call under bfloat16 autocast when ``enabled`` (:class:`.precision.ModelCall`),
+    its output cast back to float32, so the diffusion's own arithmetic (posterior, KL,
+    bits/dim) stays in float32.
     """
     if not enabled:
         return model
-    from .precision import MixedPrecision
-
-    precision = MixedPrecision(dist_util.dev(), use_bf16=True, log=logger.log)
     logger.log(f"--use_bf16: the model runs under bfloat16 autocast on {dist_util.dev().type}")
-
-    def call(x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        with precision.autocast():
-            out = model(x, t, **kwargs)
-        return out.float()
-
-    return call
+    return ModelCall(model, MixedPrecision(dist_util.dev(), use_bf16=True, log=logger.log))
 
 
 def derive_seed(*entropy: int) -> int:
@@ -290,7 +287,6 @@ def _gather_in_order(
 def _progress(items: Sequence[Any], show: bool, desc: str) -> Iterable[Any]:
     if not show:
         return items
-    from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc, leave=False)
 

@@ -8,59 +8,66 @@ NLL scripts recover the model/diffusion flags of a checkpoint (:func:`parse_args
 """
 
 import argparse
-import dataclasses
-import inspect
 import json
 import os
 import sys
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
+from . import flags
 from . import gaussian_diffusion as gd
-from . import logger
-from . import nn as inn
 from .errors import UserError
+from .fileio import atomic_save_json
+from .flags import speed_defaults
+from .nn import SpeedSettings
 from .respace import SpacedDiffusion, space_timesteps
-from .unet import SuperResModel, UNetModel
+from .unet import CHANNEL_MULTS, SuperResModel, UNetModel
 
 NUM_CLASSES = 1000
 
 ARGS_JSON = "args.json"
 
-# Channel multipliers per image side. 256/64/32 are the original's; 128, 28 and 16 are ours.
-CHANNEL_MULTS = {
-    256: (1, 1, 2, 2, 4, 4),
-    128: (1, 1, 2, 3, 4),
-    64: (1, 2, 3, 4),
-    32: (1, 2, 2, 2),
-    28: (1, 2, 2),
-    16: (1, 2, 2),
+# The flags of the network (besides its size flag), in the original's order: the keyword
+# arguments every model factory below takes.
+_UNET_FLAGS = (
+    "num_channels",
+    "num_res_blocks",
+    "learn_sigma",
+    "class_cond",
+    "use_checkpoint",
+    "attention_resolutions",
+    "num_heads",
+    "num_heads_upsample",
+    "use_scale_shift_norm",
+    "dropout",
+    "channel_mult",
+)
+# Diffusion flag -> create_gaussian_diffusion keyword.
+_DIFFUSION_FLAGS = {
+    "diffusion_steps": "steps",
+    "learn_sigma": "learn_sigma",
+    "sigma_small": "sigma_small",
+    "noise_schedule": "noise_schedule",
+    "use_kl": "use_kl",
+    "predict_xstart": "predict_xstart",
+    "rescale_timesteps": "rescale_timesteps",
+    "rescale_learned_sigmas": "rescale_learned_sigmas",
+    "timestep_respacing": "timestep_respacing",
 }
 
 
 def model_and_diffusion_defaults() -> Dict[str, Any]:
-    """Defaults of the MODEL / DIFFUSION flag group (names and values of the original)."""
-    return dict(
-        image_size=64,
-        num_channels=128,
-        num_res_blocks=2,
-        num_heads=4,
-        num_heads_upsample=-1,
-        attention_resolutions="16,8",
-        dropout=0.0,
-        learn_sigma=False,
-        sigma_small=False,
-        class_cond=False,
-        diffusion_steps=1000,
-        noise_schedule="linear",
-        timestep_respacing="",
-        use_kl=False,
-        predict_xstart=False,
-        rescale_timesteps=True,
-        rescale_learned_sigmas=True,
-        use_checkpoint=False,
-        use_scale_shift_norm=True,
-        channel_mult="",
-    )
+    """Defaults of the MODEL / DIFFUSION flag groups (names and values of the original)."""
+    return flags.defaults_for("image_sample", (flags.MODEL, flags.DIFFUSION))
+
+
+def _pick(values: Mapping[str, Any], names: Iterable[str]) -> Dict[str, Any]:
+    return {name: values[name] for name in names}
+
+
+def _diffusion_from_flags(values: Mapping[str, Any]) -> SpacedDiffusion:
+    """The diffusion of a factory's flags (``sigma_small`` False where the factory has none)."""
+    kwargs = {key: values.get(flag, False) for flag, key in _DIFFUSION_FLAGS.items()}
+    return create_gaussian_diffusion(**kwargs)
 
 
 def create_model_and_diffusion(
@@ -84,35 +91,13 @@ def create_model_and_diffusion(
     use_checkpoint: bool,
     use_scale_shift_norm: bool,
     channel_mult: str = "",
+    speed: Optional[SpeedSettings] = None,
 ) -> Tuple[UNetModel, SpacedDiffusion]:
     """Build the UNet and the (respaced) diffusion from the MODEL / DIFFUSION flags."""
+    values = locals()
     # The diffusion first: it validates the schedule and respacing before any weights exist.
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        sigma_small=sigma_small,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-    )
-    model = create_model(
-        image_size,
-        num_channels,
-        num_res_blocks,
-        learn_sigma=learn_sigma,
-        class_cond=class_cond,
-        use_checkpoint=use_checkpoint,
-        attention_resolutions=attention_resolutions,
-        num_heads=num_heads,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        dropout=dropout,
-        channel_mult=channel_mult,
-    )
-    return model, diffusion
+    diffusion = _diffusion_from_flags(values)
+    return create_model(image_size, **_pick(values, _UNET_FLAGS), speed=speed), diffusion
 
 
 def channel_mult_for(image_size: int, channel_mult: str = "", flag: str = "image_size") -> Tuple[int, ...]:
@@ -178,74 +163,46 @@ def create_model(
     use_scale_shift_norm: bool,
     dropout: float,
     channel_mult: str = "",
+    speed: Optional[SpeedSettings] = None,
 ) -> UNetModel:
-    """Build the attention UNet of [IDDPM App. A] from flags (3 input channels, 3 or 6 output)."""
-    return _build_unet(
-        UNetModel,
-        image_size,
-        "image_size",
-        num_channels=num_channels,
-        num_res_blocks=num_res_blocks,
-        learn_sigma=learn_sigma,
-        class_cond=class_cond,
-        use_checkpoint=use_checkpoint,
-        attention_resolutions=attention_resolutions,
-        num_heads=num_heads,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        dropout=dropout,
-        channel_mult=channel_mult,
-    )
+    """
+    Build the attention UNet of [IDDPM App. A] from flags (3 input channels, 3 or 6 output).
+
+    :param speed: the network's speed settings (default: the fastest exact-enough path,
+        :class:`~improved_diffusion.nn.SpeedSettings`).
+    """
+    return _build_unet(UNetModel, image_size, "image_size", locals(), speed)
 
 
 def _build_unet(
-    cls: type,
-    size: int,
-    size_flag: str,
-    *,
-    num_channels: int,
-    num_res_blocks: int,
-    learn_sigma: bool,
-    class_cond: bool,
-    use_checkpoint: bool,
-    attention_resolutions: str,
-    num_heads: int,
-    num_heads_upsample: int,
-    use_scale_shift_norm: bool,
-    dropout: float,
-    channel_mult: str,
+    cls: type, size: int, size_flag: str, values: Mapping[str, Any], speed: Optional[SpeedSettings]
 ) -> UNetModel:
-    """Validate the model flags and build ``cls`` (UNetModel or SuperResModel) for side ``size``."""
-    _check_positive(**{size_flag: size}, num_channels=num_channels, num_res_blocks=num_res_blocks)
-    _check_positive(num_heads=num_heads)
-    if not 0.0 <= dropout < 1.0:
-        raise UserError(f"--dropout {dropout}: must be in [0, 1)")
+    """Validate the model flags in ``values`` and build ``cls`` (UNetModel or SuperResModel) for side ``size``."""
+    v = _pick(values, _UNET_FLAGS)
+    _check_positive(**{size_flag: size}, num_channels=v["num_channels"], num_res_blocks=v["num_res_blocks"])
+    _check_positive(num_heads=v["num_heads"])
+    if not 0.0 <= v["dropout"] < 1.0:
+        raise UserError(f"--dropout {v['dropout']}: must be in [0, 1)")
     return cls(
         in_channels=3,
-        model_channels=num_channels,
-        out_channels=(3 if not learn_sigma else 6),
-        num_res_blocks=num_res_blocks,
-        attention_resolutions=attention_downsample_factors(attention_resolutions, size),
-        dropout=dropout,
-        channel_mult=channel_mult_for(size, channel_mult, flag=size_flag),
-        num_classes=(NUM_CLASSES if class_cond else None),
-        use_checkpoint=use_checkpoint,
-        num_heads=num_heads,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
+        model_channels=v["num_channels"],
+        out_channels=(3 if not v["learn_sigma"] else 6),
+        num_res_blocks=v["num_res_blocks"],
+        attention_resolutions=attention_downsample_factors(v["attention_resolutions"], size),
+        dropout=v["dropout"],
+        channel_mult=channel_mult_for(size, v["channel_mult"], flag=size_flag),
+        num_classes=(NUM_CLASSES if v["class_cond"] else None),
+        use_checkpoint=v["use_checkpoint"],
+        num_heads=v["num_heads"],
+        num_heads_upsample=v["num_heads_upsample"],
+        use_scale_shift_norm=v["use_scale_shift_norm"],
+        speed=speed,
     )
 
 
 def sr_model_and_diffusion_defaults() -> Dict[str, Any]:
     """Defaults of the super-resolution group: MODEL/DIFFUSION without image_size and sigma_small."""
-    res = model_and_diffusion_defaults()
-    res["large_size"] = 256
-    res["small_size"] = 64
-    arg_names = inspect.getfullargspec(sr_create_model_and_diffusion)[0]
-    for k in list(res.keys()):
-        if k not in arg_names:
-            del res[k]
-    return res
+    return flags.defaults_for("super_res_sample", (flags.MODEL, flags.DIFFUSION))
 
 
 def sr_create_model_and_diffusion(
@@ -269,35 +226,12 @@ def sr_create_model_and_diffusion(
     use_checkpoint: bool,
     use_scale_shift_norm: bool,
     channel_mult: str = "",
+    speed: Optional[SpeedSettings] = None,
 ) -> Tuple[SuperResModel, SpacedDiffusion]:
     """Build the super-resolution UNet and its diffusion from the super-resolution flags."""
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        sigma_small=False,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-    )
-    model = sr_create_model(
-        large_size,
-        small_size,
-        num_channels,
-        num_res_blocks,
-        learn_sigma=learn_sigma,
-        class_cond=class_cond,
-        use_checkpoint=use_checkpoint,
-        attention_resolutions=attention_resolutions,
-        num_heads=num_heads,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        dropout=dropout,
-        channel_mult=channel_mult,
-    )
-    return model, diffusion
+    values = locals()
+    diffusion = _diffusion_from_flags(values)
+    return sr_create_model(large_size, small_size, **_pick(values, _UNET_FLAGS), speed=speed), diffusion
 
 
 def sr_create_model(
@@ -314,27 +248,13 @@ def sr_create_model(
     use_scale_shift_norm: bool,
     dropout: float,
     channel_mult: str = "",
+    speed: Optional[SpeedSettings] = None,
 ) -> SuperResModel:
     """Build the super-resolution UNet (low-resolution input upsampled and concatenated)."""
     _check_positive(small_size=small_size)
     if small_size >= large_size:
         raise UserError(f"--small_size {small_size} must be smaller than --large_size {large_size}")
-    return _build_unet(
-        SuperResModel,
-        large_size,
-        "large_size",
-        num_channels=num_channels,
-        num_res_blocks=num_res_blocks,
-        learn_sigma=learn_sigma,
-        class_cond=class_cond,
-        use_checkpoint=use_checkpoint,
-        attention_resolutions=attention_resolutions,
-        num_heads=num_heads,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        dropout=dropout,
-        channel_mult=channel_mult,
-    )
+    return _build_unet(SuperResModel, large_size, "large_size", locals(), speed)
 
 
 def create_gaussian_diffusion(
@@ -395,19 +315,25 @@ class FlagParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def speed_defaults() -> Dict[str, Any]:
-    """
-    Flags of the speed switches (:class:`improved_diffusion.nn.SpeedSwitches`, new in this
-    implementation): ``--sdpa`` and ``--winograd``, on by default. ``False`` for both computes
-    the network exactly as the original did (plain attention formula, direct convolutions).
-    """
-    return dataclasses.asdict(inn.SpeedSwitches())
+def speed_from_args(args: argparse.Namespace) -> SpeedSettings:
+    """The network's :class:`~improved_diffusion.nn.SpeedSettings` from the SPEED flags."""
+    return SpeedSettings(**args_to_dict(args, speed_defaults()))
 
 
-def apply_speed_flags(args: argparse.Namespace) -> None:
-    """Set the speed switches from the parsed flags and log them (after ``logger.configure``)."""
-    inn.set_speed_switches(**args_to_dict(args, speed_defaults()))
-    logger.log(inn.speed_switches_summary())
+def script_parser(script: str, doc: str) -> FlagParser:
+    """
+    The parser of ``scripts/{script}.py``: its flag groups from :mod:`.flags` as argparse
+    argument groups, each flag with one line of help, allowed values and default.
+
+    :param script: e.g. ``"image_train"``.
+    :param doc: the script's module docstring; its first line is the description.
+    """
+    parser = FlagParser(description=doc.strip().splitlines()[0])
+    for group, group_flags in flags.flags_for(script):
+        section = parser.add_argument_group(group.title, group.description)
+        for flag in group_flags:
+            _add_flag(section, flag.name, flag.default, flag.help_line())
+    return parser
 
 
 def str2bool(v: Any) -> bool:
@@ -425,12 +351,13 @@ def str2bool(v: Any) -> bool:
 def add_dict_to_argparser(parser: argparse.ArgumentParser, default_dict: Dict[str, Any]) -> None:
     """Add one ``--key`` flag per entry, typed from its default (booleans parsed strictly)."""
     for k, v in default_dict.items():
-        v_type = type(v)
-        if v is None:
-            v_type = str
-        elif isinstance(v, bool):
-            v_type = str2bool
-        parser.add_argument(f"--{k}", default=v, type=v_type)
+        _add_flag(parser, k, v)
+
+
+def _add_flag(parser: Any, name: str, default: Any, help: Optional[str] = None) -> None:
+    """``--name`` typed from its default (booleans parsed strictly by :func:`str2bool`)."""
+    v_type = str if default is None else str2bool if isinstance(default, bool) else type(default)
+    parser.add_argument(f"--{name}", default=default, type=v_type, help=help)
 
 
 def args_to_dict(args: argparse.Namespace, keys: Iterable[str]) -> Dict[str, Any]:
@@ -447,8 +374,6 @@ def check_choice(flag: str, value: Any, choices: Sequence[Any]) -> None:
 
 def save_args_json(args: argparse.Namespace, log_dir: str) -> str:
     """Write every resolved flag to ``log_dir/args.json`` (atomically); returns its path."""
-    from .fileio import atomic_save_json
-
     path = os.path.join(log_dir, ARGS_JSON)
     atomic_save_json(vars(args), path)
     return path

@@ -1,51 +1,25 @@
 """
 What the training scripts share between parsing flags and :class:`train_util.TrainLoop`:
-the TRAIN flag group's defaults, their validation (before any work starts), seeding, and the
-optional speed switches (``--channels_last``, ``--compile``).
+the whole ``main`` of a training script (:func:`train_main`), the validation of the TRAIN
+flags (before any work starts), seeding, and ``--compile``.
 """
 
 import argparse
 import random
-from typing import Any, Callable, Dict, Iterator, Tuple
+import sys
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from . import dist_util, logger
 from .errors import UserError
+from .flags import training_defaults  # noqa: F401  (importable from here, as before)
 from .image_datasets import list_image_files
+from .precision import check_precision_flags
 from .resample import SCHEDULE_SAMPLERS, create_named_schedule_sampler
-from .script_util import apply_speed_flags, check_choice, save_args_json, speed_defaults
+from .script_util import args_to_dict, check_choice, save_args_json, script_parser, speed_from_args
 from .train_util import AUTO_RESUME, TrainLoop, check_train_settings, parse_ema_rates
-
-
-def training_defaults() -> Dict[str, Any]:
-    """Defaults of the TRAIN flag group: the original's flags, then the new ones."""
-    return dict(
-        data_dir="",
-        schedule_sampler="uniform",
-        lr=1e-4,
-        weight_decay=0.0,
-        lr_anneal_steps=0,
-        batch_size=1,
-        microbatch=-1,  # -1 disables microbatches
-        ema_rate="0.9999",  # comma-separated list of EMA values
-        log_interval=10,
-        save_interval=10000,
-        resume_checkpoint="",  # a model file, or "auto": the newest complete one in --log_dir
-        use_fp16=False,
-        fp16_scale_growth=1e-3,
-        # new in this implementation
-        log_dir="",  # default: $OPENAI_LOGDIR, else ./logs/<date-time>
-        use_bf16=False,
-        max_steps=0,  # 0 = no limit
-        random_flip=False,
-        seed=0,
-        num_workers=0,  # image-decoding worker processes
-        channels_last=False,
-        compile=False,
-        **speed_defaults(),
-    )
 
 
 def validate_training_args(args: argparse.Namespace) -> None:
@@ -61,10 +35,7 @@ def validate_training_args(args: argparse.Namespace) -> None:
         args.max_steps,
     )
     parse_ema_rates(args.ema_rate)
-    if args.use_fp16 and args.use_bf16:
-        raise UserError("--use_fp16 and --use_bf16 exclude each other: pick one")
-    if args.fp16_scale_growth <= 0:
-        raise UserError(f"--fp16_scale_growth {args.fp16_scale_growth}: must be positive")
+    check_precision_flags(args.use_fp16, args.use_bf16, args.fp16_scale_growth)
     if args.weight_decay < 0:
         raise UserError(f"--weight_decay {args.weight_decay}: must be 0 or more")
     if args.num_workers < 0:
@@ -97,19 +68,17 @@ def seed_everything(seed: int, rank: int = 0) -> None:
 
 def compile_model(model: torch.nn.Module, enabled: bool) -> None:
     """
-    ``torch.compile`` the model in place (its state_dict keys do not change); on any compile
-    error the affected code runs eagerly, with a logged warning.
+    ``torch.compile`` the model in place (its state_dict keys do not change). A compile error
+    surfaces at the first forward pass (no global error suppression hides it); a torch without
+    ``compile`` runs eagerly with a logged warning.
     """
     if not enabled:
         return
-    try:
-        import torch._dynamo
-
-        torch._dynamo.config.suppress_errors = True  # fall back to eager instead of failing
-        model.compile()
-        logger.log("--compile: the model runs through torch.compile (eager fallback on errors)")
-    except Exception as exc:  # an old torch or a platform without a compiler backend
-        logger.log(f"warning: --compile: torch.compile is unavailable ({exc}); running eagerly")
+    if not hasattr(model, "compile"):
+        logger.log("warning: --compile: this torch has no torch.compile; running eagerly")
+        return
+    model.compile()
+    logger.log("--compile: the model runs through torch.compile")
 
 
 def run_training(
@@ -134,7 +103,7 @@ def run_training(
     dist_util.setup_dist()
     with dist_util.abort_on_error():
         logger.configure(dir=args.log_dir or None)
-        apply_speed_flags(args)
+        logger.log(model.speed.summary())
         seed_everything(args.seed, dist_util.get_rank())  # each rank draws its own noise and timesteps
         model.to(dist_util.dev())
         compile_model(model, args.compile)
@@ -151,3 +120,31 @@ def run_training(
         logger.log("training...")
         loop.run_loop()
     return loop.stop_signal or 0
+
+
+def train_main(
+    script: str,
+    doc: str,
+    argv: Optional[Sequence[str]],
+    create_fn: Callable[..., Tuple[torch.nn.Module, Any]],
+    model_keys: Iterable[str],
+    make_data: Callable[[argparse.Namespace], Iterator],
+) -> None:
+    """
+    The ``main`` of a training script: parse its flags, build the model from ``create_fn`` with
+    the flags ``model_keys`` and the SPEED settings, and train on ``make_data(args)``
+    (:func:`run_training`). Stopped by a signal, it exits with 128 + the signal's number after
+    saving, as a shell reports a killed process.
+
+    :param script: e.g. ``"image_train"`` (selects its flag groups).
+    :param doc: the script's docstring (the description in ``--help``).
+    """
+    args = script_parser(script, doc).parse_args(argv)
+    keys = list(model_keys)
+
+    def build() -> Tuple[torch.nn.Module, Any]:
+        return create_fn(**args_to_dict(args, keys), speed=speed_from_args(args))
+
+    stop_signal = run_training(args, build, lambda: make_data(args))
+    if stop_signal:
+        sys.exit(128 + stop_signal)

@@ -1,42 +1,31 @@
 """
 The training loop of [IDDPM §4]: sample timesteps (uniformly or by importance, [IDDPM §3.3]),
-compute the diffusion losses, step AdamW, keep exponential moving averages of the weights,
-log, and save resumable checkpoints.
-
-Checkpoints keep the original's names in the log folder: ``model{step:06d}.pt``,
-``ema_{rate}_{step:06d}.pt`` and ``opt{step:06d}.pt``, where ``step`` is the number of steps
-done (the original named mid-training saves one lower; old names still parse). A fourth file,
-``state{step:06d}.pt``, holds everything else a bit-exact resume needs (random generators of
-every rank, data position, loss-aware sampler history, loss scale) as plain tensors and numbers
-(loadable with ``weights_only=True``). It is written last, so its presence marks a complete
-checkpoint; ``resume_checkpoint="auto"`` picks the newest complete one.
+compute the diffusion losses, step AdamW, keep exponential moving averages of the weights and
+log. Checkpoint files (names, saving, resuming) belong to :mod:`.checkpoints`; the original's
+names for them (``parse_resume_step_from_filename``, ``find_resume_checkpoint``,
+``find_ema_checkpoint``, ``get_blob_logdir``) stay importable from here.
 """
 
 import contextlib
-import os
 import signal
 import threading
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
-from . import dist_util, logger
-from .errors import UserError
-from .fileio import atomic_torch_save, remove_stale_temporaries
-from .precision import MixedPrecision, grad_norm
-from .resample import LossAwareSampler, UniformSampler
-from .train_state import (
-    checkpoint_files,
-    get_rng_state,
-    get_sampler_state,
-    newest_complete_checkpoint,
-    set_rng_state,
-    set_sampler_state,
+from . import checkpoints, dist_util, logger
+from .checkpoints import (  # noqa: F401  (the original's names, importable from here)
+    AUTO_RESUME,
+    TrainingState,
+    find_ema_checkpoint,
+    find_resume_checkpoint,
+    parse_resume_step_from_filename,
 )
+from .errors import UserError
+from .precision import MixedPrecision, ModelCall, grad_norm
+from .resample import LossAwareSampler, UniformSampler
 
-AUTO_RESUME = "auto"
-STATE_VERSION = 1
 # Float16 halves the loss scale on every skipped step; this many skips in a row means the loss
 # itself is broken (2^20 -> 2^-20), not the scale.
 FP16_MAX_SKIPS_IN_A_ROW = 40
@@ -143,9 +132,14 @@ class TrainLoop:
         self.precision = MixedPrecision(self.device, use_fp16, use_bf16, fp16_scale_growth, log=logger.log)
         self.opt = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=self.weight_decay)
         self.ema_params = [[p.detach().clone().float() for p in self.params] for _ in self.ema_rate]
-        self._load_resume_checkpoint()
+        self.training = TrainingState(
+            self.model, self.opt, self.ema_rate, self.ema_params, self.schedule_sampler, self.data
+        )
+        self._resume()
         dist_util.sync_params(self.params)
         self.ddp_model = self._wrap_ddp()
+        # The DDP-wrapped model under autocast; its output goes back to float32 for the loss.
+        self._network = ModelCall(self.ddp_model, self.precision, channels_last)
         self._reset_log_accumulators()
 
     # -----------------------------------------------------------------------------------------
@@ -161,81 +155,12 @@ class TrainLoop:
             find_unused_parameters=False,
         )
 
-    def _resolve_resume(self) -> Tuple[Optional[str], int]:
-        """The model file to resume from (or None) and the number of steps it holds."""
-        resume = find_resume_checkpoint() or self.resume_checkpoint
-        if not resume:
-            return None, 0
-        if resume == AUTO_RESUME:
-            step = _decided_by_rank0(lambda: newest_complete_checkpoint(self.log_dir, self.ema_rate))
-            if step is None:
-                logger.log(f"resume: no complete checkpoint in {self.log_dir}; starting from scratch")
-                return None, 0
-            return checkpoint_files(self.log_dir, step, self.ema_rate)["model"], step
-        if not _decided_by_rank0(lambda: os.path.isfile(resume)):
-            raise UserError(f"--resume_checkpoint {resume}: no such file")
-        return resume, parse_resume_step_from_filename(os.path.basename(resume))
-
-    def _load_resume_checkpoint(self) -> None:
-        if dist_util.get_rank() == 0:  # partial files of saves killed mid-write (SIGKILL, power loss)
-            removed = remove_stale_temporaries(self.log_dir)
-            if removed:
-                logger.log(f"removed {removed} temporary file(s) of interrupted saves from {self.log_dir}")
-        path, step = self._resolve_resume()
-        if path is None:
-            return
-        from .checkpoints import load_model_state  # explains mismatched flags
-
-        logger.log(f"resuming from {path} (step {step})")
-        files = checkpoint_files(os.path.dirname(path), step, self.ema_rate)
-        load_model_state(self.model, dist_util.load_state_dict(path, map_location="cpu"), path)
-        self.step = self._last_saved_step = step
-        for ema, ema_path in zip(self.ema_params, files["ema"]):
-            if _decided_by_rank0(lambda p=ema_path: os.path.isfile(p)):
-                self._load_ema(ema, dist_util.load_state_dict(ema_path, map_location="cpu"), ema_path)
-            else:
-                logger.log(f"resume: no {ema_path}; that EMA restarts from the model weights")
-                for e, p in zip(ema, self.params):
-                    e.copy_(p.detach())
-        if _decided_by_rank0(lambda: os.path.isfile(files["opt"])):
-            opt_state = dist_util.load_state_dict(files["opt"], map_location="cpu")
-            try:
-                self.opt.load_state_dict(opt_state)
-            except (ValueError, KeyError) as exc:
-                raise UserError(
-                    f"optimizer state {files['opt']} does not fit this model ({exc}); "
-                    "move it away to resume with a fresh optimizer"
-                ) from exc
-        if _decided_by_rank0(lambda: os.path.isfile(files["state"])):
-            self._load_train_state(dist_util.load_state_dict(files["state"], map_location="cpu"), files["state"])
-        else:
-            logger.log(f"resume: no {files['state']}; random generators and data order start afresh")
-
-    def _load_ema(self, ema: List[torch.Tensor], state_dict: Dict[str, torch.Tensor], path: str) -> None:
-        for name, target in zip(self.param_names, ema):
-            value = state_dict.get(name)
-            if value is None or value.shape != target.shape:
-                found = "missing" if value is None else f"shape {tuple(value.shape)}"
-                raise UserError(f"EMA checkpoint {path}: {name} is {found}, the model has {tuple(target.shape)}")
-            target.copy_(value.to(target.device, torch.float32))
-
-    def _load_train_state(self, state: Dict[str, Any], path: str) -> None:
+    def _resume(self) -> None:
+        step, state = checkpoints.resume(self.resume_checkpoint, self.log_dir, self.training)
+        if step is not None:
+            self.step = self._last_saved_step = step
         self.precision.load_state_dict(state.get("precision", {}))
         self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
-        ranks = state.get("ranks", [])
-        if len(ranks) != self.world_size:
-            logger.log(
-                f"resume: {path} was written by {len(ranks)} process(es), now {self.world_size}; "
-                "random generators and data order start afresh"
-            )
-            return
-        mine = ranks[dist_util.get_rank()]
-        set_rng_state(mine["rng"])
-        set_sampler_state(self.schedule_sampler, mine.get("sampler", {}))
-        if hasattr(self.data, "load_state_dict") and mine.get("data") is not None:
-            self.data.load_state_dict(mine["data"])
-        elif mine.get("data") is not None:
-            logger.log("resume: the data iterator has no load_state_dict; data order starts afresh")
 
     # -----------------------------------------------------------------------------------------
     # the loop
@@ -298,14 +223,6 @@ class TrainLoop:
                 loss = (losses["loss"] * weights).mean() * (micro.shape[0] / n)
                 self._accumulate_losses(t, weights, losses)
                 self.precision.backward(loss)
-
-    def _network(self, x: torch.Tensor, timesteps: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """The (DDP-wrapped) model under autocast; its output goes back to float32 for the loss."""
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with self.precision.autocast():
-            out = self.ddp_model(x, timesteps, **kwargs)
-        return out.float()
 
     def optimize(self) -> bool:
         """
@@ -402,53 +319,10 @@ class TrainLoop:
     # checkpoints
 
     def save(self) -> None:
-        """
-        Write model, EMA, optimizer and train-state files for the current step (rank 0), the
-        state file last. A failed write (e.g. a full disk) removes this step's files, leaves
-        earlier checkpoints intact and stops training with a UserError on every rank.
-        """
-        state = self._train_state()  # collective: every rank contributes its generators
-        files = checkpoint_files(self.log_dir, self.step, self.ema_rate)
-        error = _decided_by_rank0(lambda: self._write_checkpoint(files, state))
-        if error:
-            raise UserError(f"{error}; training stopped at step {self.step}, earlier checkpoints are intact")
+        """Save a checkpoint of the current step (:func:`.checkpoints.save`; every rank calls)."""
+        extra = {"nonfinite_in_a_row": self.nonfinite_in_a_row, "precision": self.precision.state_dict()}
+        checkpoints.save(self.log_dir, self.step, self.training, extra)
         self._last_saved_step = self.step
-        logger.log(f"saved checkpoint for step {self.step} in {self.log_dir}")
-
-    def _write_checkpoint(self, files: Dict[str, Any], state: Dict[str, Any]) -> Optional[str]:
-        writes = [(files["model"], lambda: self.model.state_dict())]
-        writes += [(path, lambda i=i: self._ema_state_dict(i)) for i, path in enumerate(files["ema"])]
-        writes += [(files["opt"], lambda: self.opt.state_dict()), (files["state"], lambda: state)]
-        try:
-            for path, make in writes:
-                atomic_torch_save(make(), path)
-        except UserError as exc:
-            for path, _ in writes:
-                _remove_quietly(path)
-            return str(exc)
-        return None
-
-    def _ema_state_dict(self, index: int) -> Dict[str, torch.Tensor]:
-        """The model's state_dict with the EMA weights of ``self.ema_rate[index]`` in place."""
-        state_dict = self.model.state_dict()
-        for name, value in zip(self.param_names, self.ema_params[index]):
-            state_dict[name] = value
-        return state_dict
-
-    def _train_state(self) -> Dict[str, Any]:
-        mine = {
-            "rng": get_rng_state(),
-            "sampler": get_sampler_state(self.schedule_sampler),
-            "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
-        }
-        return {
-            "version": STATE_VERSION,
-            "step": self.step,
-            "ema_rate": list(self.ema_rate),
-            "nonfinite_in_a_row": self.nonfinite_in_a_row,
-            "precision": self.precision.state_dict(),
-            "ranks": _gather_objects(mine),
-        }
 
     # -----------------------------------------------------------------------------------------
     # signals: SIGTERM / SIGINT ask for a checkpoint at the next step boundary
@@ -505,62 +379,9 @@ def check_train_settings(
         raise UserError(f"--lr {lr}: must be positive")
 
 
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass
-
-
-def _decided_by_rank0(decide: Callable[[], Any]) -> Any:
-    """Run ``decide`` on rank 0 only and hand its (picklable) answer to every rank."""
-    if dist_util.get_world_size() == 1 or not dist.is_initialized():
-        return decide()
-    box = [decide() if dist_util.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _gather_objects(obj: Any) -> List[Any]:
-    """Every rank's ``obj``, in rank order (a one-element list for one process)."""
-    if dist_util.get_world_size() == 1 or not dist.is_initialized():
-        return [obj]
-    out: List[Any] = [None] * dist_util.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def parse_resume_step_from_filename(filename: str) -> int:
-    """
-    Parse filenames of the form path/to/modelNNNNNN.pt, where NNNNNN is the checkpoint's
-    number of steps (the original's rule: the digits after the last "model"; 0 if none).
-    """
-    split = filename.split("model")
-    if len(split) < 2:
-        return 0
-    split1 = split[-1].split(".")[0]
-    try:
-        return int(split1)
-    except ValueError:
-        return 0
-
-
 def get_blob_logdir() -> str:
     """The folder checkpoints go to (the logger's folder; kept for the original's callers)."""
     return logger.get_dir()
-
-
-def find_resume_checkpoint() -> Optional[str]:
-    """Hook for infrastructure that finds checkpoints by itself; None here, as in the original."""
-    return None
-
-
-def find_ema_checkpoint(main_checkpoint: str, step: int, rate: float) -> Optional[str]:
-    """The EMA file beside ``main_checkpoint`` for ``step`` and ``rate``, or None if absent."""
-    if main_checkpoint is None:
-        return None
-    path = os.path.join(os.path.dirname(main_checkpoint), f"ema_{rate}_{step:06d}.pt")
-    return path if os.path.exists(path) else None
 
 
 def log_loss_dict(diffusion: Any, ts: torch.Tensor, losses: Dict[str, torch.Tensor]) -> None:

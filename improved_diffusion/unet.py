@@ -4,8 +4,7 @@ resolutions, FiLM-style time conditioning and an optional class embedding) and i
 super-resolution variant.
 
 Attribute names, nesting and initialisation follow the original implementation exactly, so
-``state_dict`` keys and shapes match and its released checkpoints load with ``strict=True``
-(see SPEC.md, "Network architecture").
+``state_dict`` keys and shapes match and its released checkpoints load with ``strict=True``.
 
 Mixed precision: run the model under ``torch.autocast`` (float16 on GPU, bfloat16 on CPU or
 GPU) with float32 weights; normalisation and the plain-path attention softmax stay float32,
@@ -22,11 +21,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import nn as inn
 from . import winograd
 from .errors import UserError
 from .nn import (
+    Dropout,
     SiLU,
+    SpeedSettings,
+    apply_speed,
     avg_pool_nd,
     checkpoint,
     conv_nd,
@@ -37,6 +38,17 @@ from .nn import (
 )
 
 NORM_GROUPS = 32
+
+# Channel multipliers per image side, used when --channel_mult is not given. 256/64/32 are the
+# original's; 128, 28 and 16 are ours.
+CHANNEL_MULTS = {
+    256: (1, 1, 2, 2, 4, 4),
+    128: (1, 1, 2, 3, 4),
+    64: (1, 2, 3, 4),
+    32: (1, 2, 2, 2),
+    28: (1, 2, 2),
+    16: (1, 2, 2),
+}
 
 
 class TimestepBlock(nn.Module):
@@ -168,7 +180,7 @@ class ResBlock(TimestepBlock):
         self.out_layers = nn.Sequential(
             normalization(self.out_channels),
             SiLU(),
-            nn.Dropout(p=dropout),
+            Dropout(p=dropout),  # the mask does not depend on the memory layout
             zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)),
         )
         if self.out_channels == channels:
@@ -222,20 +234,19 @@ def _sdpa_attention(qkv: torch.Tensor) -> torch.Tensor:
     return out.transpose(2, 3)  # (N, H, d, T)
 
 
-def attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+def attention(qkv: torch.Tensor, num_heads: int, use_sdpa: bool = True) -> torch.Tensor:
     """
     Multi-head self-attention over all positions, with the original's head layout: the
     ``3 * C`` channels are cut into ``num_heads`` contiguous groups, each holding q, k, v.
 
-    Uses SDPA or the plain formula according to the ``sdpa`` speed switch (same numbers).
-
     :param qkv: shape ``(N, 3 * C, T)``.
     :param num_heads: number of heads H (C divisible by H).
+    :param use_sdpa: SDPA (True) or the plain formula (False); the same numbers.
     :return: shape ``(N, C, T)``, the heads' outputs in order.
     """
     n, width, length = qkv.shape
     qkv = qkv.reshape(n, num_heads, width // num_heads, length)  # (N, H, 3d, T), d = C / H
-    out = (_sdpa_attention if inn.SPEED.sdpa else _plain_attention)(qkv)  # (N, H, d, T)
+    out = (_sdpa_attention if use_sdpa else _plain_attention)(qkv)  # (N, H, d, T)
     return out.reshape(n, -1, length)  # (N, C, T)
 
 
@@ -248,16 +259,22 @@ class AttentionBlock(nn.Module):
     :param channels: channels C (a multiple of ``num_heads``).
     :param num_heads: number of attention heads.
     :param use_checkpoint: gradient checkpointing of this block.
+    :param use_sdpa: attention through SDPA (see :func:`attention`).
     """
 
-    def __init__(self, channels: int, num_heads: int = 1, use_checkpoint: bool = False):
+    def __init__(self, channels: int, num_heads: int = 1, use_checkpoint: bool = False, use_sdpa: bool = True):
         super().__init__()
         self.channels = channels
         self.num_heads = num_heads
         self.use_checkpoint = use_checkpoint
+        self.use_sdpa = use_sdpa
         self.norm = normalization(channels)
         self.qkv = conv_nd(1, channels, channels * 3, 1)
         self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
+
+    def set_speed(self, speed: SpeedSettings) -> None:
+        """Take the ``sdpa`` setting of ``speed``."""
+        self.use_sdpa = speed.sdpa
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """:param x: shape ``(N, C, ...)``. :return: the same shape."""
@@ -268,7 +285,7 @@ class AttentionBlock(nn.Module):
         layout_is_channels_last = x.dim() == 4 and c > 1 and x.is_contiguous(memory_format=torch.channels_last)
         x = x.reshape(n, c, -1)  # (N, C, T), T = prod(spatial)
         qkv = self.qkv(self.norm(x))  # (N, 3C, T)
-        h = self.proj_out(attention(qkv, self.num_heads))  # (N, C, T)
+        h = self.proj_out(attention(qkv, self.num_heads, self.use_sdpa))  # (N, C, T)
         out = (x + h).reshape(n, c, *spatial)  # (N, C, ...)
         if len(spatial) == 2 and layout_is_channels_last:
             out = out.contiguous(memory_format=torch.channels_last)  # keep the network's layout
@@ -299,6 +316,8 @@ class UNetModel(nn.Module):
     :param num_heads: attention heads in the downsampling half and the middle.
     :param num_heads_upsample: heads in the upsampling half; -1 = ``num_heads``.
     :param use_scale_shift_norm: FiLM-like time conditioning in the residual blocks.
+    :param speed: the speed settings of its layers (default: SDPA and Winograd where they apply);
+        :meth:`set_speed` changes them later. They never change ``state_dict`` keys.
     """
 
     def __init__(
@@ -317,6 +336,7 @@ class UNetModel(nn.Module):
         num_heads: int = 1,
         num_heads_upsample: int = -1,
         use_scale_shift_norm: bool = False,
+        speed: Optional[SpeedSettings] = None,
     ):
         super().__init__()
         if num_heads_upsample == -1:
@@ -360,6 +380,12 @@ class UNetModel(nn.Module):
             SiLU(),
             zero_module(conv_nd(dims, ch, out_channels, 3, padding=1)),
         )
+        self.set_speed(speed or SpeedSettings())
+
+    def set_speed(self, speed: SpeedSettings) -> None:
+        """Use ``speed`` in every layer from now on (kept as ``self.speed``)."""
+        self.speed = speed
+        apply_speed(self, speed)
 
     def _res_block(self, ch_in: int, ch_out: int) -> ResBlock:
         return ResBlock(
@@ -480,7 +506,7 @@ class UNetModel(nn.Module):
     ) -> torch.Tensor:
         """Input, middle and output blocks; the activations go to ``features`` when given."""
         h, emb = x.to(self.dtype), self._embed(x, timesteps, y)
-        if inn.SPEED.winograd and winograd.prefers_channels_last(h, self.model_channels * self.channel_mult[0]):
+        if self.speed.winograd and winograd.prefers_channels_last(h, self.model_channels * self.channel_mult[0]):
             h = h.contiguous(memory_format=torch.channels_last)
         skips = []
         for module in self.input_blocks:

@@ -25,10 +25,10 @@ gradient instead of the input itself, and every thread keeps one scratch buffer 
 sized for the largest layer seen (:func:`release_workspace` frees them).
 
 Accuracy: the transforms' constants (up to 8 and 1/24) cost a few bits, so the result differs
-from the direct convolution by about 1e-5 of the output's scale in float32 (measured by
-``tests/test_winograd.py``), far below bfloat16 or TF32 rounding. The network uses this path
-through ``nn.SPEED.winograd`` (on by default on CPUs); switching it off gives the direct
-convolution.
+from the direct convolution by about 1e-5 of the output's scale in float32 (checked by
+``tests/test_winograd.py``), far below bfloat16 or TF32 rounding. A network uses this path
+where its ``winograd`` speed setting is on (:class:`~improved_diffusion.nn.SpeedSettings`, the
+default); switching it off gives the direct convolution.
 """
 
 import math
@@ -67,11 +67,10 @@ _AT = (
     (0, 1, -1, 8, -8, 1),
 )
 
-# Where the transforms pay off (benchmarks/README.md, "Winograd"): feature maps of at least
-# MIN_SIZE pixels a side (a whole training step of the benchmark configs is fastest with 8; 4
-# and 16 are slower) and at least MIN_CHANNELS input and output channels (with 32 the
-# transforms cost more than the 4x fewer multiplications save: 0.6-0.96x per layer), and
-# maps that fill at least MIN_TILE_USE of their 4x4 tiles (10x10 computes 12x12: 0.69, no gain).
+# Where the transforms pay off on the CPUs measured (benchmarks/README.md, "Winograd"): feature
+# maps of at least MIN_SIZE pixels a side, at least MIN_CHANNELS input and output channels (with
+# fewer, the transforms cost more than the 4x fewer multiplications save), and maps that fill
+# at least MIN_TILE_USE of their 4x4 tiles (a 10x10 map computes 12x12 and gains nothing).
 MIN_SIZE = 8
 MIN_CHANNELS = 64
 MIN_TILE_USE = 0.8
@@ -95,7 +94,7 @@ class _Workspace(threading.local):
     """
     Per-thread scratch buffers for the temporaries of one convolution call, reused across
     calls: fresh multi-megabyte allocations cost more in page faults than the transforms
-    themselves (a 32x32, 64-channel layer's forward: 20.9 ms with fresh memory, 14.4 ms without).
+    themselves (benchmarks/README.md has the measurement).
     Each slot holds one temporary; nothing returned to the caller or saved for the backward pass
     lives in a slot. Thread-local, so concurrent calls from several threads never share one.
     """

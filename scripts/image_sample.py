@@ -21,23 +21,20 @@ from improved_diffusion.sample_util import (
     bf16_autocast,
     build_model_and_diffusion,
     class_label_kwargs,
-    load_checkpoint,
-    log_saved_flags,
+    model_session,
     parse_class_labels,
     sample_images,
-    sampling_defaults,
     save_samples,
     validate_sampling_args,
 )
 from improved_diffusion.script_util import (
-    FlagParser,
-    add_dict_to_argparser,
-    apply_speed_flags,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
     parse_args_with_saved,
+    script_parser,
 )
 
+SCRIPT = "image_sample"
 MODEL_KEYS = tuple(model_and_diffusion_defaults())
 
 
@@ -50,14 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     class_labels = parse_class_labels(args.class_labels, args.class_cond)
     model, diffusion = build_model_and_diffusion(args, MODEL_KEYS, create_model_and_diffusion)
 
-    dist_util.setup_dist()
-    with dist_util.abort_on_error():
-        logger.configure(dir=args.log_dir or None)
-        apply_speed_flags(args)
-        log_saved_flags(taken, args.model_path, argv)
-        logger.log(f"loading {args.model_path}...")
-        load_checkpoint(model, args, MODEL_KEYS)
-
+    with model_session(args, taken, argv, model, MODEL_KEYS):
         logger.log("sampling...")
         images, kwargs = sample_images(
             bf16_autocast(model, args.use_bf16),
@@ -78,11 +68,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    defaults = sampling_defaults()
-    defaults.update(class_labels="")
-    defaults.update(model_and_diffusion_defaults())
-    parser = FlagParser(description=__doc__.strip().splitlines()[0])
-    add_dict_to_argparser(parser, defaults)
+    parser = script_parser(SCRIPT, __doc__)
     add_grid_alias(parser)
     return parser
 

@@ -21,23 +21,20 @@ from improved_diffusion.sample_util import (
     add_grid_alias,
     bf16_autocast,
     build_model_and_diffusion,
-    load_checkpoint,
-    log_saved_flags,
+    model_session,
     sample_images,
-    sampling_defaults,
     save_samples,
     validate_sampling_args,
 )
 from improved_diffusion.script_util import (
     NUM_CLASSES,
-    FlagParser,
-    add_dict_to_argparser,
-    apply_speed_flags,
     parse_args_with_saved,
+    script_parser,
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
 
+SCRIPT = "super_res_sample"
 MODEL_KEYS = tuple(sr_model_and_diffusion_defaults())
 
 
@@ -52,16 +49,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     base_images, base_labels = load_base_samples(args.base_samples, args.small_size, args.class_cond)
     model, diffusion = build_model_and_diffusion(args, MODEL_KEYS, sr_create_model_and_diffusion)
 
-    dist_util.setup_dist()
-    with dist_util.abort_on_error():
-        logger.configure(dir=args.log_dir or None)
-        apply_speed_flags(args)
-        log_saved_flags(taken, args.model_path, argv)
+    with model_session(args, taken, argv, model, MODEL_KEYS):
         logger.log(f"loaded {len(base_images)} base samples from {args.base_samples}")
         if args.num_samples > len(base_images):
             logger.log(f"note: --num_samples {args.num_samples} > {len(base_images)} base samples: they are cycled")
-        logger.log(f"loading {args.model_path}...")
-        load_checkpoint(model, args, MODEL_KEYS)
 
         def kwargs_fn(indices: np.ndarray, generators: List[torch.Generator]) -> Dict[str, torch.Tensor]:
             base = indices % len(base_images)
@@ -132,11 +123,7 @@ def load_base_samples(path: str, small_size: int, class_cond: bool) -> Tuple[np.
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    defaults = sampling_defaults()
-    defaults.update(base_samples="")
-    defaults.update(sr_model_and_diffusion_defaults())
-    parser = FlagParser(description=__doc__.strip().splitlines()[0])
-    add_dict_to_argparser(parser, defaults)
+    parser = script_parser(SCRIPT, __doc__)
     add_grid_alias(parser)
     return parser
 

@@ -31,15 +31,6 @@ def one_thread():
 
 
 @pytest.fixture(autouse=True)
-def _restore_speed_switches():
-    """Scripts run in-process set the global speed switches from their flags; undo that."""
-    from improved_diffusion.nn import speed_switches
-
-    with speed_switches():
-        yield
-
-
-@pytest.fixture(autouse=True)
 def _isolated_logger(tmp_path):
     """Every test logs into its own folder (tmp_path/logger, log.txt + progress.csv, no stdout);
     the previous logger is restored afterwards, so no test leaks logger state."""

@@ -1,5 +1,5 @@
 """
-Fault injection and bad input (issue #10): untrusted and broken files, crashes, non-finite
+Fault injection and bad input: untrusted and broken files, crashes, non-finite
 numbers, bad data folders, bad flags and a failing rank.
 
 Each test feeds one fault to the real code path a user would hit (a script's ``main``, the

@@ -55,7 +55,15 @@ def test_approx_standard_normal_cdf_golden(kind, tol):
 def test_discretized_gaussian_log_likelihood_golden_float32():
     out = discretized_gaussian_log_likelihood(g("dgll.x"), means=g("dgll.means"), log_scales=g("dgll.log_scales"))
     assert out.dtype == torch.float32
-    assert_golden(out, FN, "dgll.out", rtol=0, atol=1e-6)
+    # The bin probability is a difference of two tanh-based CDF values near 1, and float32 tanh
+    # differs by an ulp (2^-24 near 1) between CPU math libraries: log p then moves by up to
+    # 2 * 2^-24 / p. Entries on the log(1e-12) clamp carry no such error.
+    expected = golden(FN, "dgll.out").astype(np.float64)
+    clamped = expected < np.log(1e-12) + 1e-3
+    bound = np.where(clamped, 1e-6, 1e-6 + 2.0**-23 * np.exp(-expected))
+    error = np.abs(out.double().numpy() - expected)
+    assert (error <= bound).all(), f"golden dgll.out: worst excess {(error - bound).max():.3g}"
+    assert np.mean(bound[~clamped] < 1e-4) > 0.85  # the bound stays tight for most entries
 
 
 def test_discretized_gaussian_log_likelihood_float64_away_from_clamp():

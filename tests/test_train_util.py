@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from improved_diffusion import fileio, logger, train_util
+from improved_diffusion import checkpoints, fileio, logger
 from improved_diffusion.errors import UserError
 from improved_diffusion.image_datasets import load_data
 from improved_diffusion.precision import MixedPrecision, cpu_has_fast_bf16
@@ -289,7 +289,7 @@ def test_crash_while_saving_leaves_complete_checkpoints(tmp_path, images, monkey
             raise _Killed()
         fileio.atomic_torch_save(obj, path)
 
-    monkeypatch.setattr(train_util, "atomic_torch_save", save)
+    monkeypatch.setattr(checkpoints, "atomic_torch_save", save)
     with pytest.raises(_Killed):
         loop.run_loop()
     assert "state000004.pt" not in _files(folder) and "state000002.pt" in _files(folder)

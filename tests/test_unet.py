@@ -8,7 +8,7 @@ from golden import load_pt
 
 from improved_diffusion import script_util
 from improved_diffusion.errors import UserError
-from improved_diffusion.nn import speed_switches
+from improved_diffusion.nn import SpeedSettings
 from improved_diffusion.unet import AttentionBlock, SuperResModel, UNetModel, attention
 
 GOLDEN_ATOL = 1e-5  # README: UNet outputs, float32, eval mode
@@ -51,7 +51,8 @@ def _extras(data: dict) -> dict:
 )
 def test_golden_outputs(name, sdpa, winograd):
     data, model = _golden_model(name)
-    with torch.no_grad(), speed_switches(sdpa=sdpa, winograd=winograd):
+    model.set_speed(SpeedSettings(sdpa=sdpa, winograd=winograd))
+    with torch.no_grad():
         out = model(data["x"], data["timesteps"], **_extras(data))
         torch.testing.assert_close(out, data["output"], rtol=0, atol=GOLDEN_ATOL)
         if "output_float_t" in data:
@@ -80,10 +81,8 @@ def test_golden_state_dict_keys_in_order():
 @pytest.mark.parametrize("heads", [1, 2, 4])
 def test_sdpa_attention_equals_plain_formula(heads):
     qkv = torch.randn(3, 3 * 64, 50) * 2  # logits of a few units, as in trained models
-    with speed_switches(sdpa=True):
-        fast = attention(qkv, heads)
-    with speed_switches(sdpa=False):
-        plain = attention(qkv, heads)
+    fast = attention(qkv, heads, use_sdpa=True)
+    plain = attention(qkv, heads, use_sdpa=False)
     # Reference written out: per head group, channels are q, then k, then v.
     d = 64 // heads
     groups = qkv.reshape(3, heads, 3 * d, 50).double()
@@ -289,3 +288,33 @@ def test_superres_feature_vectors_see_low_res():
         other = model.get_feature_vectors(x, torch.tensor([3]), low_res=low_res + 1)
     assert len(features["down"]) == len(model.input_blocks) == 4
     assert not torch.equal(features["down"][0], other["down"][0])
+
+
+def test_same_seed_gives_the_same_dropout_masks_on_every_path():
+    """Dropout in training mode: the fast paths (channels-last Winograd activations) and the
+    plain path draw the same mask for the same seed, so outputs agree to float32 rounding."""
+    kwargs = script_util.model_and_diffusion_defaults()
+    kwargs.update(image_size=16, channel_mult="1,2", num_channels=64, num_res_blocks=1, attention_resolutions="8")
+    kwargs.update(dropout=0.3)
+    torch.manual_seed(0)
+    model, _ = script_util.create_model_and_diffusion(**kwargs)
+    with torch.no_grad():
+        for p in model.parameters():  # no zero-initialised layers: the dropped activations matter
+            if not p.any():
+                p.normal_(0.0, 0.05)
+    model.train()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([3, 700])
+    outputs = {}
+    for speed in (SpeedSettings(), SpeedSettings(sdpa=False, winograd=False)):
+        model.set_speed(speed)
+        torch.manual_seed(7)
+        with torch.no_grad():
+            outputs[speed] = model(x, t)
+    fast, plain = outputs.values()
+    scale = plain.abs().max().item()
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4 * scale)
+    torch.manual_seed(8)  # another seed: other masks, so the check above can fail
+    with torch.no_grad():
+        other = model(x, t)
+    assert (other - plain).abs().max().item() > 100 * 1e-4 * scale

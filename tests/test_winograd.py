@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from improved_diffusion import nn as inn
 from improved_diffusion import script_util, winograd
-from improved_diffusion.nn import speed_switches
+from improved_diffusion.nn import SpeedSettings
 
 # float64: the algorithm is exact up to rounding.
 FLOAT64 = dict(rtol=0, atol=1e-11)
@@ -125,10 +125,10 @@ def test_conv2d_module_keeps_state_dict_and_switch_selects_the_path():
     x = torch.randn(2, 64, 16, 16, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = F.conv2d(x, module.weight, module.bias, padding=1)
-        with speed_switches(winograd=False):
-            torch.testing.assert_close(module(x), ref, rtol=0, atol=0)  # the direct convolution itself
-        with speed_switches(winograd=True):
-            fast = module(x)
+        module.set_speed(SpeedSettings(winograd=False))
+        torch.testing.assert_close(module(x), ref, rtol=0, atol=0)  # the direct convolution itself
+        module.set_speed(SpeedSettings(winograd=True))
+        fast = module(x)
     assert fast.is_contiguous(memory_format=torch.channels_last)  # the Winograd path ran
     assert 0 < _max_rel(fast, ref) < FLOAT32_REL
 
@@ -151,9 +151,9 @@ def test_unet_training_step_matches_direct_convolution(monkeypatch):
 
     def loss_and_grads(fast: bool):
         model.zero_grad()
-        with speed_switches(winograd=fast):
-            loss = diffusion.training_losses(model, x, t, noise=noise)["loss"].mean()
-            loss.backward()
+        model.set_speed(SpeedSettings(winograd=fast))
+        loss = diffusion.training_losses(model, x, t, noise=noise)["loss"].mean()
+        loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
     calls = []

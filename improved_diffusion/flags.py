@@ -1,0 +1,270 @@
+"""
+The one table of command-line flags: every flag of every script with its default, one line of
+help and, for closed choices, the allowed values, in the groups MODEL, DIFFUSION, TRAIN,
+SAMPLE, NLL and SPEED.
+
+Everything about flags is derived from it: the defaults dicts users know from the original
+(``model_and_diffusion_defaults()``, ``sr_model_and_diffusion_defaults()`` in
+:mod:`.script_util`, ``training_defaults()``, ``sampling_defaults()``), the scripts' argparse
+groups with their ``--help`` (:func:`.script_util.script_parser`) and the README's flag section
+(:func:`reference_markdown`; ``python -m improved_diffusion.flags`` prints it, a test checks
+that the README holds exactly that text).
+
+A flag that only some scripts have names them in ``scripts`` (e.g. ``image_size`` belongs to
+the image scripts, ``large_size`` to the super-resolution ones).
+"""
+
+import dataclasses
+import sys
+from typing import Any, Dict, Iterable, List, Tuple
+
+from .nn import SpeedSettings
+
+IMAGE_SCRIPTS = ("image_train", "image_sample", "image_nll")
+SUPER_RES_SCRIPTS = ("super_res_train", "super_res_sample")
+SCRIPTS = IMAGE_SCRIPTS + SUPER_RES_SCRIPTS
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """
+    One flag: ``--name`` with its default, one line of help and the allowed values of a closed
+    choice (empty: any value of the default's type); ``scripts`` lists where it exists (empty:
+    every script that has its group); ``new`` marks flags the original did not have.
+    """
+
+    name: str
+    default: Any
+    help: str
+    choices: Tuple[Any, ...] = ()
+    scripts: Tuple[str, ...] = ()
+    new: bool = False
+
+    def applies_to(self, script: str) -> bool:
+        """Whether ``script`` (e.g. ``"image_train"``) has this flag."""
+        return not self.scripts or script in self.scripts
+
+    def help_line(self) -> str:
+        """The ``--help`` text: meaning, allowed values, default."""
+        text = self.help
+        if self.choices:
+            text += " (one of: " + ", ".join(str(c) for c in self.choices) + ")"
+        return text + f" [default: {_shown(self.default)}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class FlagGroup:
+    """A titled group of flags and the scripts that have it."""
+
+    title: str
+    description: str
+    scripts: Tuple[str, ...]
+    flags: Tuple[Flag, ...]
+
+    def for_script(self, script: str) -> List[Flag]:
+        """The flags of this group that ``script`` has."""
+        return [f for f in self.flags if f.applies_to(script)] if script in self.scripts else []
+
+
+def _shown(value: Any) -> str:
+    return '""' if value == "" else str(value)
+
+
+MODEL = FlagGroup(
+    "MODEL",
+    "the network; defaults as in the original",
+    SCRIPTS,
+    (
+        Flag("image_size", 64, "side of the (square) training images in pixels", scripts=IMAGE_SCRIPTS),
+        Flag("large_size", 256, "side of the high-resolution images", scripts=SUPER_RES_SCRIPTS),
+        Flag(
+            "small_size", 64, "side of the low-resolution images the model is conditioned on", scripts=SUPER_RES_SCRIPTS
+        ),
+        Flag("num_channels", 128, "base channel count of the UNet (a multiple of 32)"),
+        Flag("num_res_blocks", 2, "residual blocks per resolution level"),
+        Flag("num_heads", 4, "attention heads in the downsampling half and the middle"),
+        Flag("num_heads_upsample", -1, "attention heads in the upsampling half; -1: --num_heads"),
+        Flag("attention_resolutions", "16,8", "feature-map sides that get self-attention, comma-separated"),
+        Flag("dropout", 0.0, "dropout probability in the residual blocks, in [0, 1)"),
+        Flag("learn_sigma", False, "learn the variance by range interpolation [IDDPM Eq. 15]: 6 output channels"),
+        Flag("class_cond", False, "class-conditional (labels from file names {class}_{name}.png)"),
+        Flag("use_checkpoint", False, "gradient checkpointing: less memory, about 30% more compute"),
+        Flag("use_scale_shift_norm", True, "FiLM time conditioning norm(h) * (1 + scale) + shift"),
+        Flag(
+            "channel_mult", "", 'channel multiplier per level, e.g. 1,2,2; "": the table for the image size', new=True
+        ),
+    ),
+)
+
+DIFFUSION = FlagGroup(
+    "DIFFUSION",
+    "the diffusion process and its loss; defaults as in the original",
+    SCRIPTS,
+    (
+        Flag(
+            "sigma_small",
+            False,
+            "with a fixed variance: the posterior beta-tilde instead of beta",
+            scripts=IMAGE_SCRIPTS,
+        ),
+        Flag("diffusion_steps", 1000, "number of diffusion steps T"),
+        Flag("noise_schedule", "linear", "beta schedule [IDDPM §3.2]", choices=("linear", "cosine")),
+        Flag("timestep_respacing", "", 'steps kept for sampling: "250", "10,15,20" per section or "ddim50"; "": all'),
+        Flag("use_kl", False, "train on the variational bound L_vlb alone"),
+        Flag("predict_xstart", False, "the network predicts x_0 instead of the noise"),
+        Flag("rescale_timesteps", True, "feed the network t scaled to [0, 1000)"),
+        Flag(
+            "rescale_learned_sigmas", True, "with --learn_sigma: the hybrid loss L_simple + 0.001 L_vlb [IDDPM Eq. 16]"
+        ),
+    ),
+)
+
+TRAIN = FlagGroup(
+    "TRAIN",
+    "the training loop",
+    ("image_train", "super_res_train"),
+    (
+        Flag("data_dir", "", "folder of training images (jpg, jpeg, png, gif; searched recursively)"),
+        Flag(
+            "schedule_sampler",
+            "uniform",
+            "how timesteps are drawn [IDDPM §3.3]",
+            choices=("uniform", "loss-second-moment"),
+        ),
+        Flag("lr", 1e-4, "AdamW learning rate"),
+        Flag("weight_decay", 0.0, "AdamW weight decay"),
+        Flag("lr_anneal_steps", 0, "anneal the learning rate linearly to 0 over this many steps, then stop; 0: never"),
+        Flag("batch_size", 1, "images per step and process"),
+        Flag("microbatch", -1, "split each batch into chunks of this size (same gradient); -1: no split"),
+        Flag("ema_rate", "0.9999", "comma-separated EMA rates, one ema_RATE_STEP.pt file each"),
+        Flag("log_interval", 10, "steps between log rows"),
+        Flag("save_interval", 10000, "steps between checkpoints (0: only at the end)"),
+        Flag(
+            "resume_checkpoint", "", 'a modelNNNNNN.pt to resume from, or "auto": the newest complete one in --log_dir'
+        ),
+        Flag("use_fp16", False, "float16 autocast with loss scaling (on CUDA; bfloat16 on a CPU)"),
+        Flag("fp16_scale_growth", 1e-3, "log2 growth of the fp16 loss scale per good step"),
+        Flag("log_dir", "", "log and checkpoint folder; default $OPENAI_LOGDIR, else ./logs/<time>", new=True),
+        Flag("use_bf16", False, "bfloat16 autocast (no loss scaling)", new=True),
+        Flag("max_steps", 0, "stop after this many steps in total; 0: no limit", new=True),
+        Flag("random_flip", False, "flip images left-right at random", new=True),
+        Flag("seed", 0, "seed of weights, timesteps, noise and data order", new=True),
+        Flag("num_workers", 0, "image-decoding worker processes", new=True),
+        Flag("channels_last", False, "feed the network channels-last tensors (faster on GPUs)", new=True),
+        Flag("compile", False, "run the network through torch.compile", new=True),
+    ),
+)
+
+SAMPLE = FlagGroup(
+    "SAMPLE",
+    "sampling",
+    ("image_sample", "super_res_sample"),
+    (
+        Flag("model_path", "", "the checkpoint (.pt) to load; flags from the args.json beside it are the defaults"),
+        Flag("clip_denoised", True, "clip the predicted x_0 to [-1, 1] at every step"),
+        Flag("num_samples", 10000, "number of samples"),
+        Flag("batch_size", 16, "samples per batch and process"),
+        Flag("use_ddim", False, "DDIM instead of ancestral sampling [DDIM Eq. 12]"),
+        Flag("log_dir", "", "output folder; default $OPENAI_LOGDIR, else ./logs/<time>", new=True),
+        Flag("seed", 0, "seed of each sample's noise and label", new=True),
+        Flag("eta", 0.0, "DDIM noise (0: deterministic)", new=True),
+        Flag("num_grid", 64, "samples in the PNG grid (0: none); --grid_size is another name", new=True),
+        Flag("use_bf16", False, "run the network under bfloat16 autocast", new=True),
+        Flag(
+            "class_labels",
+            "",
+            'labels to sample, e.g. 0,1,2 (cycled); "": random labels',
+            scripts=("image_sample",),
+            new=True,
+        ),
+        Flag(
+            "base_samples",
+            "",
+            "the .npz of low-resolution samples to upsample",
+            scripts=("super_res_sample",),
+            new=True,
+        ),
+    ),
+)
+
+NLL = FlagGroup(
+    "NLL",
+    "likelihood evaluation",
+    ("image_nll",),
+    (
+        Flag("data_dir", "", "folder of images to evaluate"),
+        Flag("model_path", "", "the checkpoint (.pt) to load; flags from the args.json beside it are the defaults"),
+        Flag("clip_denoised", True, "clip the predicted x_0 to [-1, 1]"),
+        Flag("num_samples", 1000, "number of images evaluated"),
+        Flag("batch_size", 1, "images per batch and process"),
+        Flag("log_dir", "", "output folder; default $OPENAI_LOGDIR, else ./logs/<time>", new=True),
+        Flag("seed", 0, "seed of the q_sample noise", new=True),
+        Flag("timestep_batch", 1, "timesteps evaluated per network call (same numbers, faster on GPUs)", new=True),
+        Flag("use_bf16", False, "run the network under bfloat16 autocast", new=True),
+    ),
+)
+
+_SPEED_HELP = {
+    "sdpa": "attention through F.scaled_dot_product_attention (False: the plain formula)",
+    "winograd": "float32 3x3 convolutions on CPUs by Winograd F(4x4, 3x3) (False: direct convolution)",
+}
+SPEED = FlagGroup(
+    "SPEED",
+    "the network's speed settings: same results within float32 tolerance; all False = the original's computation",
+    SCRIPTS,
+    tuple(Flag(k, v, _SPEED_HELP[k], new=True) for k, v in dataclasses.asdict(SpeedSettings()).items()),
+)
+
+GROUPS = (MODEL, DIFFUSION, TRAIN, SAMPLE, NLL, SPEED)
+
+
+def flags_for(script: str, groups: Iterable[FlagGroup] = GROUPS) -> List[Tuple[FlagGroup, List[Flag]]]:
+    """The groups ``script`` has, each with the flags of it that ``script`` has."""
+    if script not in SCRIPTS:
+        raise KeyError(f"unknown script {script!r} (known: {', '.join(SCRIPTS)})")
+    return [(g, g.for_script(script)) for g in groups if g.for_script(script)]
+
+
+def defaults_for(script: str, groups: Iterable[FlagGroup]) -> Dict[str, Any]:
+    """``{name: default}`` of ``groups``' flags that ``script`` has."""
+    return {f.name: f.default for _, flags in flags_for(script, groups) for f in flags}
+
+
+def training_defaults() -> Dict[str, Any]:
+    """Defaults of the TRAIN group plus the SPEED settings (shared by both training scripts)."""
+    return defaults_for("image_train", (TRAIN, SPEED))
+
+
+def sampling_defaults() -> Dict[str, Any]:
+    """Defaults of the SAMPLE group that both sampling scripts share, plus the SPEED settings."""
+    shared = [f.name for f in SAMPLE.flags if not f.scripts]
+    full = defaults_for("image_sample", (SAMPLE, SPEED))
+    return {k: v for k, v in full.items() if k in shared or k in speed_defaults()}
+
+
+def speed_defaults() -> Dict[str, Any]:
+    """Defaults of the SPEED group: ``{"sdpa": True, "winograd": True}``."""
+    return {f.name: f.default for f in SPEED.flags}
+
+
+def reference_markdown() -> str:
+    """The README's flag section: one table per group (flag, default, meaning)."""
+    lines: List[str] = []
+    for group in GROUPS:
+        scripts = ", ".join(f"`{s}.py`" for s in group.scripts)
+        lines += ["", f"**{group.title}** ({group.description}; {scripts})", "", "| flag | default | meaning |"]
+        lines.append("|---|---|---|")
+        for flag in group.flags:
+            meaning = flag.help.replace("|", "\\|")
+            if flag.choices:
+                meaning += " (one of: " + ", ".join(f"`{c}`" for c in flag.choices) + ")"
+            if flag.scripts:
+                meaning += " — only " + ", ".join(f"`{s}.py`" for s in flag.scripts)
+            if flag.new:
+                meaning += " *(new)*"
+            lines.append(f"| `--{flag.name}` | `{_shown(flag.default)}` | {meaning} |")
+    return "\n".join(lines[1:]) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(reference_markdown())
