@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # On these machines the CPU build of torch 2.13 lies in /opt/wheels; elsewhere pip uses its own config.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test test-fast demo lint bench clean
 
 $(STAMP): requirements.txt requirements-data.txt setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ install: $(STAMP)
 test: install
 	@$(BIN)/python -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
+
+# Everything but the subprocess-heavy tests (marked slow): well under a minute.
+test-fast: install
+	@$(BIN)/python -m pytest -q -m "not slow" tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-fast: no tests were collected" >&2; exit 1; fi; exit $$rc
 
 demo: install
 	$(BIN)/python scripts/demo.py

@@ -290,6 +290,20 @@ def _broadcast_file(path: str) -> bytes:
     return data if get_rank() == 0 else buffer.cpu().numpy().tobytes()
 
 
+def reports_errors() -> bool:
+    """
+    Whether this process prints a :class:`UserError` that reached the script's ``main``. Such an
+    error comes from the checks made before the process group exists (flags, data folder,
+    checkpoint shapes), which every process of a job makes alike on the same inputs: rank 0
+    speaks for all, so the job shows the message once. Errors after that are each printed by
+    the rank that hit them (:func:`abort_on_error`).
+    """
+    try:
+        return is_initialized() or detect_launch().rank == 0
+    except UserError:  # a malformed launcher variable: speak rather than stay silent
+        return True
+
+
 def decided_by_rank0(decide: Callable[[], Any]) -> Any:
     """Run ``decide`` on rank 0 only and hand its (picklable) answer to every rank."""
     if get_world_size() == 1 or not is_initialized():

@@ -27,14 +27,32 @@ def run_main(main: Callable[[], object]) -> NoReturn:
     """
     try:
         main()
+        _leave_job_together()
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        if _reports_errors():
+            print(f"error: {exc}", file=sys.stderr, flush=True)
         _end_job_if_distributed(EXIT_USER_ERROR)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
     sys.exit(0)
+
+
+def _leave_job_together() -> None:
+    """After a successful ``main`` in a job of several processes, leave it together: a barrier,
+    then the process group torn down before the interpreter exits (a rank whose peers' stores
+    vanish mid-teardown would otherwise abort)."""
+    dist_util = sys.modules.get("improved_diffusion.dist_util")
+    if dist_util is not None and dist_util.is_initialized():
+        dist_util.barrier()
+        dist_util.cleanup()
+
+
+def _reports_errors() -> bool:
+    """Whether this process prints a UserError (see ``dist_util.reports_errors``)."""
+    dist_util = sys.modules.get("improved_diffusion.dist_util")  # only if already in use
+    return dist_util is None or dist_util.reports_errors()
 
 
 def _end_job_if_distributed(exit_code: int) -> None:

@@ -18,6 +18,8 @@ import dataclasses
 import sys
 from typing import Any, Dict, Iterable, List, Tuple
 
+from .errors import UserError
+from .fileio import atomic_write
 from .nn import SpeedSettings
 
 IMAGE_SCRIPTS = ("image_train", "image_sample", "image_nll")
@@ -88,7 +90,7 @@ MODEL = FlagGroup(
         Flag("dropout", 0.0, "dropout probability in the residual blocks, in [0, 1)"),
         Flag("learn_sigma", False, "learn the variance by range interpolation [IDDPM Eq. 15]: 6 output channels"),
         Flag("class_cond", False, "class-conditional (labels from file names {class}_{name}.png)"),
-        Flag("use_checkpoint", False, "gradient checkpointing: less memory, about 30% more compute"),
+        Flag("use_checkpoint", False, "gradient checkpointing: less memory, activations recomputed in backward"),
         Flag("use_scale_shift_norm", True, "FiLM time conditioning norm(h) * (1 + scale) + shift"),
         Flag(
             "channel_mult", "", 'channel multiplier per level, e.g. 1,2,2; "": the table for the image size', new=True
@@ -266,5 +268,25 @@ def reference_markdown() -> str:
     return "\n".join(lines[1:]) + "\n"
 
 
+README_BEGIN, README_END = "<!-- flags:begin -->\n", "<!-- flags:end -->"
+
+
+def update_readme(path: str) -> None:
+    """Replace the text between the flag-section markers of ``path`` with :func:`reference_markdown`."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if README_BEGIN not in text or README_END not in text:
+        raise UserError(f"{path} has no {README_BEGIN.strip()} ... {README_END} markers")
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    new = head + README_BEGIN + reference_markdown() + README_END + tail
+    atomic_write(path, lambda f: f.write(new.encode("utf-8")))
+
+
 if __name__ == "__main__":
-    sys.stdout.write(reference_markdown())
+    # python -m improved_diffusion.flags            print the README's flag section
+    # python -m improved_diffusion.flags README.md  rewrite it in place
+    if len(sys.argv) > 1:
+        update_readme(sys.argv[1])
+    else:
+        sys.stdout.write(reference_markdown())

@@ -39,6 +39,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .errors import UserError
 from .losses import discretized_gaussian_log_likelihood, normal_kl
@@ -53,23 +54,34 @@ Model = Callable[..., torch.Tensor]
 # Noise schedules
 
 
+LINEAR_MIN_STEPS = 20  # fewer: betas above 1; exactly this many: the last beta is 1
+
+
+def check_linear_steps(steps: int) -> None:
+    """A UserError naming ``--diffusion_steps`` unless the linear schedule has more than 20 steps."""
+    if steps <= LINEAR_MIN_STEPS:
+        raise UserError(
+            f"--diffusion_steps {steps}: the linear noise schedule needs more than {LINEAR_MIN_STEPS} steps (with "
+            "fewer its betas exceed 1, at exactly 20 the last is 1); use more steps or --noise_schedule cosine"
+        )
+
+
 def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) -> np.ndarray:
     """
     The beta schedule called ``schedule_name`` with ``num_diffusion_timesteps`` steps.
 
     - ``"linear"``: [DDPM §4]'s linear betas from 1e-4 to 0.02 at T=1000, both ends scaled by
-      1000/T so that any T gives a similar process (needs T >= 20: beyond that betas exceed 1).
+      1000/T so that any T gives a similar process. T < 20 makes betas exceed 1 (an error); at
+      T = 20, as in the original, the last beta is exactly 1, which :class:`GaussianDiffusion`
+      refuses (:func:`check_linear_steps` is the flag-level check: more than 20 steps).
     - ``"cosine"``: [IDDPM Eq. 17] with s = 0.008, betas clipped at 0.999 ([IDDPM §3.2]).
 
     :return: (T,) float64 betas.
     """
     steps = _check_num_steps(num_diffusion_timesteps)
     if schedule_name == "linear":
-        if steps < 20:
-            raise UserError(
-                f"--diffusion_steps {steps}: the linear noise schedule needs more than 20 steps (with "
-                "fewer its betas exceed 1, at exactly 20 the last is 1); use more steps or --noise_schedule cosine"
-            )
+        if steps < LINEAR_MIN_STEPS:
+            check_linear_steps(steps)
         scale = 1000 / steps
         return np.linspace(scale * 0.0001, scale * 0.02, steps, dtype=np.float64)
     if schedule_name == "cosine":
@@ -627,8 +639,6 @@ class GaussianDiffusion:
         img = noise if noise is not None else torch.randn(*shape, device=device)
         indices: Any = range(self.num_timesteps - 1, -1, -1)
         if progress:
-            from tqdm.auto import tqdm  # lazy: only needed with a progress bar
-
             indices = tqdm(indices)
         for i in indices:
             t = torch.full((shape[0],), i, dtype=torch.long, device=device)
@@ -781,8 +791,6 @@ class GaussianDiffusion:
         chunks = [order[i : i + timestep_batch] for i in range(0, len(order), timestep_batch)]
         bar = None
         if progress:
-            from tqdm.auto import tqdm  # lazy: only needed with a progress bar
-
             bar = tqdm(total=self.num_timesteps)
         columns: Dict[str, List[torch.Tensor]] = {"vb": [], "xstart_mse": [], "mse": []}
         for chunk in chunks:

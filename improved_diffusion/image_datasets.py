@@ -21,16 +21,27 @@ import signal
 import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import blobfile as bf
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from . import dist_util
 from .errors import UserError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 
 Batch = Tuple[torch.Tensor, Dict[str, torch.Tensor]]
+
+
+def check_enough_images(data_dir: str, num_images: int, world_size: int) -> None:
+    """A UserError when the data folder has fewer images than processes (each needs one)."""
+    if num_images < world_size:
+        raise UserError(
+            f"--data_dir {data_dir} has {num_images} image(s), fewer than the {world_size} "
+            "processes; every process needs at least one image"
+        )
 
 
 def load_data(
@@ -63,8 +74,6 @@ def load_data(
         images in ``[-1, 1]`` and a dict (``{"y": labels}`` or ``{}``).
     """
     if rank is None or world_size is None:
-        from . import dist_util
-
         rank = dist_util.get_rank() if rank is None else rank
         world_size = dist_util.get_world_size() if world_size is None else world_size
     for name, value in (("batch_size", batch_size), ("image_size", image_size)):
@@ -74,11 +83,7 @@ def load_data(
         raise UserError(f"--num_workers {num_workers}: must be 0 or more")
     all_files = list_image_files(data_dir)
     labels = class_labels(all_files) if class_cond else None
-    if len(all_files) < world_size:
-        raise UserError(
-            f"--data_dir {data_dir} has {len(all_files)} image(s), fewer than the {world_size} "
-            "processes; every process needs at least one image"
-        )
+    check_enough_images(data_dir, len(all_files), world_size)
     dataset = ImageDataset(
         image_size,
         all_files[rank::world_size],
@@ -100,8 +105,6 @@ def list_image_files(data_dir: str) -> List[str]:
 
     :raises UserError: if the folder is missing, not a folder, or holds no image files.
     """
-    import blobfile as bf
-
     if not data_dir:
         raise UserError("--data_dir is empty: pass the folder holding the training images")
     if not bf.exists(data_dir):
@@ -153,8 +156,6 @@ def read_image(path: str) -> Image.Image:
 
     :raises UserError: naming ``path`` for an unreadable, truncated, empty or too large file.
     """
-    import blobfile as bf
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

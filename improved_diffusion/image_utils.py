@@ -13,6 +13,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .fileio import atomic_write
 
@@ -83,8 +84,6 @@ def save_png(path: str, array: np.ndarray) -> None:
     :param path: destination file.
     :param array: (H, W, C) uint8 with C in 1/3/4, or (H, W) uint8 (greyscale).
     """
-    from PIL import Image
-
     array = np.asarray(array)
     if array.dtype != np.uint8 or array.ndim not in (2, 3):
         raise ValueError(f"expected a uint8 (H, W) or (H, W, C) array, got {array.dtype} {array.shape}")

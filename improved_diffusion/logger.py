@@ -26,6 +26,8 @@ import sys
 from collections import defaultdict
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TextIO, Union
 
+import torch.distributed as dist
+
 from . import dist_util
 from .errors import UserError
 
@@ -299,8 +301,6 @@ def _default_dir() -> str:
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H-%M-%S-%f")
     folder = os.path.join("logs", stamp)
     if dist_util.get_world_size() > 1:  # every rank must agree on rank 0's time stamp
-        import torch.distributed as dist
-
         shared = [folder]
         dist.broadcast_object_list(shared, src=0)
         folder = shared[0]

@@ -12,6 +12,7 @@ from typing import Sequence, Tuple
 import numpy as np
 import torch
 
+from . import dist_util
 from .errors import UserError
 
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
@@ -84,8 +85,6 @@ class LossAwareSampler(ScheduleSampler):
         :param local_ts: (n,) int64 timesteps of this rank's batch.
         :param local_losses: (n,) the per-example losses at those timesteps.
         """
-        from . import dist_util  # lazy: only the loss-aware path talks to other ranks
-
         all_ts = dist_util.all_gather_tensors(local_ts.detach())
         all_losses = dist_util.all_gather_tensors(local_losses.detach())
         timesteps = [int(t) for part in all_ts for t in part.cpu().tolist()]

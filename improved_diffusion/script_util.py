@@ -278,6 +278,8 @@ def create_gaussian_diffusion(
     - variance: ``learn_sigma`` -> LEARNED_RANGE [IDDPM Eq. 15], else ``sigma_small`` ->
       FIXED_SMALL (posterior beta-tilde), else FIXED_LARGE (beta).
     """
+    if noise_schedule == "linear":
+        gd.check_linear_steps(steps)
     betas = gd.get_named_beta_schedule(noise_schedule, steps)
     if use_kl:
         loss_type = gd.LossType.RESCALED_KL
@@ -328,7 +330,7 @@ def script_parser(script: str, doc: str) -> FlagParser:
     :param script: e.g. ``"image_train"``.
     :param doc: the script's module docstring; its first line is the description.
     """
-    parser = FlagParser(description=doc.strip().splitlines()[0])
+    parser = FlagParser(description=doc.strip().splitlines()[0], usage="%(prog)s [--FLAG VALUE ...]")
     for group, group_flags in flags.flags_for(script):
         section = parser.add_argument_group(group.title, group.description)
         for flag in group_flags:
@@ -357,7 +359,8 @@ def add_dict_to_argparser(parser: argparse.ArgumentParser, default_dict: Dict[st
 def _add_flag(parser: Any, name: str, default: Any, help: Optional[str] = None) -> None:
     """``--name`` typed from its default (booleans parsed strictly by :func:`str2bool`)."""
     v_type = str if default is None else str2bool if isinstance(default, bool) else type(default)
-    parser.add_argument(f"--{name}", default=default, type=v_type, help=help)
+    metavar = {bool: "BOOL", int: "INT", float: "FLOAT"}.get(type(default), "STR") if help else None
+    parser.add_argument(f"--{name}", default=default, type=v_type, help=help, metavar=metavar)
 
 
 def args_to_dict(args: argparse.Namespace, keys: Iterable[str]) -> Dict[str, Any]:

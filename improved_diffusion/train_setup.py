@@ -7,7 +7,7 @@ flags (before any work starts), seeding, and ``--compile``.
 import argparse
 import random
 import sys
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -15,10 +15,20 @@ import torch
 from . import dist_util, logger
 from .errors import UserError
 from .flags import training_defaults  # noqa: F401  (importable from here, as before)
-from .image_datasets import list_image_files
+from .image_datasets import check_enough_images, list_image_files, load_data, load_superres_data
 from .precision import check_precision_flags
 from .resample import SCHEDULE_SAMPLERS, create_named_schedule_sampler
-from .script_util import args_to_dict, check_choice, save_args_json, script_parser, speed_from_args
+from .script_util import (
+    args_to_dict,
+    check_choice,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+    save_args_json,
+    script_parser,
+    speed_from_args,
+    sr_create_model_and_diffusion,
+    sr_model_and_diffusion_defaults,
+)
 from .train_util import AUTO_RESUME, TrainLoop, check_train_settings, parse_ema_rates
 
 
@@ -95,7 +105,8 @@ def run_training(
     :return: the signal number that stopped training (0 when it ended by itself).
     """
     validate_training_args(args)
-    list_image_files(args.data_dir)
+    # Before any process group exists, so that every rank stops alike and rank 0 reports once.
+    check_enough_images(args.data_dir, len(list_image_files(args.data_dir)), dist_util.detect_launch().world_size)
     seed_everything(args.seed)  # the same initial weights on every rank
     model, diffusion = build()
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
@@ -122,25 +133,52 @@ def run_training(
     return loop.stop_signal or 0
 
 
-def train_main(
-    script: str,
-    doc: str,
-    argv: Optional[Sequence[str]],
-    create_fn: Callable[..., Tuple[torch.nn.Module, Any]],
-    model_keys: Iterable[str],
-    make_data: Callable[[argparse.Namespace], Iterator],
-) -> None:
-    """
-    The ``main`` of a training script: parse its flags, build the model from ``create_fn`` with
-    the flags ``model_keys`` and the SPEED settings, and train on ``make_data(args)``
-    (:func:`run_training`). Stopped by a signal, it exits with 128 + the signal's number after
-    saving, as a shell reports a killed process.
+def image_data(args: argparse.Namespace) -> Iterator:
+    """``image_train.py``'s data: endless batches of ``--image_size`` images (labels with ``--class_cond``)."""
+    return load_data(
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        class_cond=args.class_cond,
+        random_flip=args.random_flip,
+        num_workers=args.num_workers,
+        seed=args.seed,
+    )
 
-    :param script: e.g. ``"image_train"`` (selects its flag groups).
+
+def super_res_data(args: argparse.Namespace) -> Iterator:
+    """``super_res_train.py``'s data: ``--large_size`` images with ``low_res`` at ``--small_size``."""
+    return load_superres_data(
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        large_size=args.large_size,
+        small_size=args.small_size,
+        class_cond=args.class_cond,
+        random_flip=args.random_flip,
+        num_workers=args.num_workers,
+        seed=args.seed,
+    )
+
+
+# What each training script trains: (model factory, its MODEL/DIFFUSION defaults, its data).
+TRAINING_SCRIPTS = {
+    "image_train": (create_model_and_diffusion, model_and_diffusion_defaults, image_data),
+    "super_res_train": (sr_create_model_and_diffusion, sr_model_and_diffusion_defaults, super_res_data),
+}
+
+
+def train_main(script: str, doc: str, argv: Optional[Sequence[str]] = None) -> None:
+    """
+    The ``main`` of a training script: parse its flags, build its model (:data:`TRAINING_SCRIPTS`)
+    with the SPEED settings, and train on its data (:func:`run_training`). Stopped by a signal,
+    it exits with 128 + the signal's number after saving, as a shell reports a killed process.
+
+    :param script: ``"image_train"`` or ``"super_res_train"`` (selects flag groups, model and data).
     :param doc: the script's docstring (the description in ``--help``).
     """
+    create_fn, defaults_fn, make_data = TRAINING_SCRIPTS[script]
     args = script_parser(script, doc).parse_args(argv)
-    keys = list(model_keys)
+    keys = list(defaults_fn())
 
     def build() -> Tuple[torch.nn.Module, Any]:
         return create_fn(**args_to_dict(args, keys), speed=speed_from_args(args))

@@ -110,7 +110,8 @@ class TrainLoop:
         self.resume_checkpoint = resume_checkpoint
         self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
         self.max_steps, self.max_nonfinite_steps = max_steps, max_nonfinite_steps
-        self.channels_last, self.handle_signals = channels_last, handle_signals
+        self.channels_last = channels_last
+        self.stop = StopRequest(handle_signals)
         self.log_dir = log_dir or logger.get_dir()
         if not self.log_dir:
             raise UserError("no folder for checkpoints: pass log_dir or call logger.configure() first")
@@ -118,7 +119,6 @@ class TrainLoop:
         self.world_size = dist_util.get_world_size()
         self.global_batch = batch_size * self.world_size
         self.step = 0  # optimizer steps done in total, including those before a resume
-        self.stop_signal: Optional[int] = None
         self.nonfinite_in_a_row = 0
         self._last_saved_step: Optional[int] = None
         self.last_logged: Dict[str, Any] = {}  # what log_step wrote last
@@ -145,6 +145,11 @@ class TrainLoop:
     # -----------------------------------------------------------------------------------------
     # setup
 
+    @property
+    def stop_signal(self) -> Optional[int]:
+        """The signal that stopped training, or None."""
+        return self.stop.signum
+
     def _wrap_ddp(self) -> torch.nn.Module:
         if not (dist.is_available() and dist.is_initialized() and self.world_size > 1):
             return self.model
@@ -167,7 +172,7 @@ class TrainLoop:
 
     def run_loop(self) -> None:
         """Train until ``lr_anneal_steps`` / ``max_steps`` (or forever), a signal, or an error."""
-        with self._signal_handlers():
+        with self.stop.installed():
             # Training mode for dropout; the EMA copies are plain tensors and never run.
             self.model.train()
             while not self._done():
@@ -177,8 +182,8 @@ class TrainLoop:
                     self.log_step()
                 if self.save_interval > 0 and self.step % self.save_interval == 0:
                     self.save()
-                if self._signalled():
-                    logger.log(f"stopping on signal {self.stop_signal} at step {self.step}")
+                if self.stop.agreed(self.device):
+                    logger.log(f"stopping on signal {self.stop.signum} at step {self.step}")
                     break
             if self._last_saved_step != self.step:
                 self.save()
@@ -324,17 +329,29 @@ class TrainLoop:
         checkpoints.save(self.log_dir, self.step, self.training, extra)
         self._last_saved_step = self.step
 
-    # -----------------------------------------------------------------------------------------
-    # signals: SIGTERM / SIGINT ask for a checkpoint at the next step boundary
+
+class StopRequest:
+    """
+    SIGTERM / SIGINT ask a trainer to save and stop at the next step boundary: while
+    :meth:`installed` is active they only record the signal; :meth:`agreed` tells every rank
+    the same answer, so all stop at the same step even if only some received the signal.
+
+    :param enabled: install the handlers at all (only possible in the main thread).
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.signum: Optional[int] = None
 
     @contextlib.contextmanager
-    def _signal_handlers(self) -> Iterator[None]:
-        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+    def installed(self) -> Iterator[None]:
+        """Handlers for SIGTERM and SIGINT that record the signal; the previous ones come back on exit."""
+        if not self.enabled or threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def request_stop(signum: int, frame: Any) -> None:
-            self.stop_signal = signum
+            self.signum = signum
 
         previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -343,14 +360,14 @@ class TrainLoop:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
-    def _signalled(self) -> bool:
-        if self.world_size == 1 or not dist.is_initialized():
-            return self.stop_signal is not None
-        # Every rank must stop at the same step, even if only some received the signal.
-        flag = torch.tensor([self.stop_signal or 0], device=self.device)
+    def agreed(self, device: torch.device) -> bool:
+        """Whether any rank received a signal (a collective with several ranks)."""
+        if dist_util.get_world_size() == 1 or not dist.is_initialized():
+            return self.signum is not None
+        flag = torch.tensor([self.signum or 0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.stop_signal = int(flag.item()) or None
-        return self.stop_signal is not None
+        self.signum = int(flag.item()) or None
+        return self.signum is not None
 
 
 def check_train_settings(

@@ -10,31 +10,17 @@ torchrun.
 """
 
 import argparse
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 from improved_diffusion.errors import run_main
-from improved_diffusion.image_datasets import load_data
-from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults, script_parser
+from improved_diffusion.script_util import script_parser
 from improved_diffusion.train_setup import train_main
 
 SCRIPT = "image_train"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    train_main(SCRIPT, __doc__, argv, create_model_and_diffusion, model_and_diffusion_defaults(), make_data)
-
-
-def make_data(args: argparse.Namespace) -> Iterator:
-    """Endless batches of ``--image_size`` images (and labels with ``--class_cond``)."""
-    return load_data(
-        data_dir=args.data_dir,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        class_cond=args.class_cond,
-        random_flip=args.random_flip,
-        num_workers=args.num_workers,
-        seed=args.seed,
-    )
+    train_main(SCRIPT, __doc__, argv)
 
 
 def create_argparser() -> argparse.ArgumentParser:

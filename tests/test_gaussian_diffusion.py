@@ -437,6 +437,14 @@ def test_bad_schedule_arguments_raise_user_error(schedule, steps, match):
         get_named_beta_schedule(schedule, steps)
 
 
+@pytest.mark.parametrize("steps", [10, 20])
+def test_linear_schedule_flag_needs_more_than_20_steps(steps):
+    with pytest.raises(UserError, match=rf"--diffusion_steps {steps}: the linear noise schedule needs more than 20"):
+        create_gaussian_diffusion(steps=steps, noise_schedule="linear")
+    assert create_gaussian_diffusion(steps=21, noise_schedule="linear").num_timesteps == 21
+    assert create_gaussian_diffusion(steps=steps, noise_schedule="cosine").num_timesteps == steps
+
+
 def test_bad_diffusion_arguments_raise_user_error():
     kwargs = dict(
         model_mean_type=ModelMeanType.EPSILON, model_var_type=ModelVarType.FIXED_LARGE, loss_type=LossType.MSE

@@ -17,6 +17,7 @@ def read_csv(path):
         return list(csv.reader(f))
 
 
+@pytest.mark.slow
 def test_import_does_nothing(tmp_path):
     code = (
         "import os; from improved_diffusion import logger; "

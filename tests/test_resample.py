@@ -128,6 +128,7 @@ dist_util.cleanup()
 """
 
 
+@pytest.mark.slow
 def test_update_with_local_losses_two_ranks_unequal_batches(tmp_path):
     import socket
     import subprocess

@@ -7,7 +7,6 @@ subprocess (exit codes, stderr); the rest call its ``main(argv)`` in-process.
 import argparse
 import json
 import os
-import runpy
 import shutil
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from script_loader import load_script
 
 from improved_diffusion import logger
 from improved_diffusion.errors import UserError, run_main
@@ -111,14 +111,9 @@ def sr_ckpt(tmp_path_factory):
     return _save_checkpoint(folder, sr_model_and_diffusion_defaults, sr_create_model_and_diffusion, **TINY_SR)
 
 
-def _script(name):
-    """The script's globals (its ``main`` and helpers) without running it."""
-    return runpy.run_path(os.path.join(SCRIPTS, name), run_name="not_main")
-
-
 def _run_main(name, argv, log_dir):
     """Call ``scripts/<name>``'s main in-process with its log folder; restore the logger after."""
-    main = _script(name)["main"]
+    main = load_script(name).main
     with logger.scoped_configure(dir=str(log_dir)):
         main([str(a) for a in argv] + ["--log_dir", str(log_dir)])
 
@@ -143,6 +138,7 @@ def _load(path):
 # image_sample.py
 
 
+@pytest.mark.slow
 def test_image_sample_subprocess_uses_args_json(ckpt, tmp_path):
     """No model flags on the command line: args.json beside the checkpoint supplies them."""
     out = tmp_path / "out"
@@ -161,7 +157,7 @@ def test_image_sample_subprocess_uses_args_json(ckpt, tmp_path):
 
 def _exit_code_and_stderr(capsys, name, argv, log_dir):
     """Run the script's main through errors.run_main in-process: (exit code, stderr)."""
-    main = _script(name)["main"]
+    main = load_script(name).main
     capsys.readouterr()
     with logger.scoped_configure(dir=str(log_dir)), pytest.raises(SystemExit) as info:
         run_main(lambda: main([str(a) for a in argv] + ["--log_dir", str(log_dir)]))
@@ -203,6 +199,7 @@ def test_ddim_eta0_is_deterministic_and_batch_size_independent(ckpt, tmp_path):
     assert np.abs(d.astype(int) - a.astype(int)).max() > 10  # another seed, other samples
 
 
+@pytest.mark.slow
 @pytest.mark.mpi
 def test_two_ranks_give_the_same_ddim_samples_as_one(ckpt, tmp_path):
     """Per-sample seeds and the ordered gather: the archive does not depend on the rank count."""
@@ -364,7 +361,7 @@ def test_bad_base_samples_name_file_and_problem(tmp_path, arrays, class_cond, ma
     path = str(tmp_path / "base.npz")
     np.savez(path, **arrays)
     with pytest.raises(UserError, match=match) as info:
-        _script("super_res_sample.py")["load_base_samples"](path, 8, class_cond)
+        load_script("super_res_sample.py").load_base_samples(path, 8, class_cond)
     assert path in str(info.value) and "\n" not in str(info.value)
 
 
@@ -442,6 +439,7 @@ def test_image_nll_timestep_batch_matches_unbatched(ckpt, image_dir, tmp_path):
         np.testing.assert_allclose(batched_summary[key], plain_summary[key], rtol=0, atol=ATOL_FLOAT)
 
 
+@pytest.mark.slow
 @pytest.mark.mpi
 def test_image_nll_on_two_ranks_counts_every_image_once(ckpt, image_dir, tmp_path):
     """3 images in batches of 1 on 2 ranks: the second round leaves rank 1 idle."""

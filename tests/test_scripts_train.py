@@ -6,7 +6,6 @@ would cost more than the training); one run goes through ``python scripts/image_
 check the command itself, args.json and the SIGTERM path.
 """
 
-import importlib.util
 import json
 import os
 import re
@@ -20,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from PIL import Image
+from script_loader import load_script
 
 from improved_diffusion import dist_util, fileio, logger
 from improved_diffusion.errors import run_main
@@ -37,16 +37,9 @@ TINY = [
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def image_train():
-    return _script("image_train")
+    return load_script("image_train")
 
 
 @pytest.fixture
@@ -119,7 +112,7 @@ def test_script_resume_is_exact(isolated, image_train, images, tmp_path):
 
 
 def test_super_res_train_runs(isolated, images, tmp_path):
-    module = _script("super_res_train")
+    module = load_script("super_res_train")
     log_dir = str(tmp_path / "log")
     argv = ["--data_dir", images, "--large_size", "16", "--small_size", "8", "--log_dir", log_dir, *TINY]
     assert _run(module, argv + ["--max_steps", "2"])[0] == 0
@@ -163,6 +156,7 @@ def test_bad_flags_exit_2_with_one_line(isolated, image_train, images, tmp_path,
     assert not (tmp_path / "log").exists()  # checked before any work
 
 
+@pytest.mark.slow
 def test_command_line_run_sigterm_and_resume(isolated, image_train, images, tmp_path):
     """
     The real command, with decoding workers: SIGTERM to the whole process group (as a job

@@ -520,6 +520,7 @@ def _run_two_ranks(tmp_path, steps):
     return torch.load(out)
 
 
+@pytest.mark.slow
 @pytest.mark.mpi
 def test_two_ranks_match_one_rank_with_both_batches(tmp_path):
     params = _run_two_ranks(tmp_path, steps=3)
