@@ -133,31 +133,20 @@ def run_training(
     return loop.stop_signal or 0
 
 
+def _loader_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """The data-loader arguments both training scripts take from their TRAIN/MODEL flags."""
+    keys = ("data_dir", "batch_size", "class_cond", "random_flip", "num_workers", "seed")
+    return {k: getattr(args, k) for k in keys}
+
+
 def image_data(args: argparse.Namespace) -> Iterator:
     """``image_train.py``'s data: endless batches of ``--image_size`` images (labels with ``--class_cond``)."""
-    return load_data(
-        data_dir=args.data_dir,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        class_cond=args.class_cond,
-        random_flip=args.random_flip,
-        num_workers=args.num_workers,
-        seed=args.seed,
-    )
+    return load_data(image_size=args.image_size, **_loader_kwargs(args))
 
 
 def super_res_data(args: argparse.Namespace) -> Iterator:
     """``super_res_train.py``'s data: ``--large_size`` images with ``low_res`` at ``--small_size``."""
-    return load_superres_data(
-        data_dir=args.data_dir,
-        batch_size=args.batch_size,
-        large_size=args.large_size,
-        small_size=args.small_size,
-        class_cond=args.class_cond,
-        random_flip=args.random_flip,
-        num_workers=args.num_workers,
-        seed=args.seed,
-    )
+    return load_superres_data(large_size=args.large_size, small_size=args.small_size, **_loader_kwargs(args))
 
 
 # What each training script trains: (model factory, its MODEL/DIFFUSION defaults, its data).
