@@ -18,11 +18,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torch.overrides import TorchFunctionMode
 
 from improved_diffusion import checkpoints, fileio, logger
 from improved_diffusion.errors import UserError
 from improved_diffusion.image_datasets import load_data
-from improved_diffusion.precision import MixedPrecision, cpu_has_fast_bf16
+from improved_diffusion.precision import MixedPrecision, cpu_has_fast_bf16, make_adamw
 from improved_diffusion.resample import LossSecondMomentResampler, UniformSampler, create_named_schedule_sampler
 from improved_diffusion.script_util import create_gaussian_diffusion
 from improved_diffusion.train_util import TrainLoop, parse_resume_step_from_filename
@@ -154,7 +155,7 @@ def test_quartile_logging_is_weighted_per_sample(log_dir, images):
     t = torch.tensor([0, 5, 19, 19])
     w = torch.tensor([1.0, 2.0, 0.5, 1.5])
     loop._accumulate_losses(t, w, {"loss": torch.tensor([1.0, 1.0, 4.0, 2.0])})
-    loop._merge_step_stats(torch.tensor(3.0))
+    loop._merge_step_stats(torch.tensor(3.0), torch.tensor(True))
     loop.log_step()
     got = loop.last_logged
     assert got["loss"] == pytest.approx((1 + 2 + 2 + 3) / 4)
@@ -358,6 +359,35 @@ def test_nonfinite_losses_are_skipped_then_stop(log_dir, images):
                 assert torch.isfinite(value).all(), name
 
 
+def test_nonfinite_run_between_log_rows_stops_at_the_next_row(log_dir, images):
+    """The run is counted on the device and checked where the loop syncs anyway (log, save)."""
+    model = _NaNModel()
+    loop = _loop(log_dir, images, model=model, max_steps=0, log_interval=4, max_nonfinite_steps=2)
+    loop.run_step(*next(loop.data))
+    good = _state(loop)
+    model.poison = True
+    loop.run_step(*next(loop.data))
+    loop.run_step(*next(loop.data))  # the limit is reached at step 3, which does not log
+    assert loop.step == 3 and loop.nonfinite_in_a_row == 2
+    with pytest.raises(UserError, match=r"NaN/Inf for 2 steps in a row at step 3; lower --lr"):
+        loop.run_step(*next(loop.data))  # step 4 logs: the check
+    _assert_same(_state(loop), good)
+
+
+def test_skipped_steps_are_logged_with_the_row(log_dir, images):
+    model = _NaNModel()
+    loop = _loop(log_dir, images, model=model, max_steps=0, log_interval=3)
+    loop.run_step(*next(loop.data))
+    model.poison = True
+    loop.run_step(*next(loop.data))
+    model.poison = False
+    loop.run_step(*next(loop.data))
+    loop.log_step()
+    with open(os.path.join(log_dir, "log.txt")) as f:
+        assert "1 step(s) skipped since the last log row: NaN/Inf loss or gradient" in f.read()
+    assert loop.nonfinite_in_a_row == 0 and np.isfinite(loop.last_logged["loss"])
+
+
 def test_sigterm_saves_then_stops(log_dir, images):
     class Signalling:
         def __init__(self, data):
@@ -402,14 +432,59 @@ def test_precision_choices():
     plain = MixedPrecision(torch.device("cpu"))
     assert plain.lg_loss_scale is None and plain.state_dict() == {}
     p = nn.Parameter(torch.ones(2))
-    opt = torch.optim.SGD([p], lr=1.0)
-    p.grad = torch.tensor([1.0, float("inf")])
-    assert plain.step(opt, torch.tensor(float("inf"))) is False
-    torch.testing.assert_close(p.detach(), torch.ones(2), **EXACT)
+    # A plain optimizer needs the decision on the host; a fused one skips on the device.
+    for opt in (torch.optim.SGD([p], lr=1.0), make_adamw([p], lr=1.0, weight_decay=0.1)):
+        p.grad = torch.tensor([1.0, float("inf")])
+        took = plain.step(opt, torch.tensor(float("inf")))
+        assert took.dtype == torch.bool and not took
+        torch.testing.assert_close(p.detach(), torch.ones(2), **EXACT)
+        assert not hasattr(opt, "found_inf")
+    assert opt.defaults["fused"] and float(opt.state[p]["step"]) == 0.0
+    p.grad = torch.tensor([1.0, 1.0])
+    assert plain.step(opt, torch.tensor(1.0)) and float(opt.state[p]["step"]) == 1.0
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+class HostReads(TorchFunctionMode):
+    """
+    Records every call that reads a tensor's value on the host: on a GPU each is a host-device
+    sync (``item``, ``bool``, ``tolist``, boolean-mask indexing, ``nonzero``, ``bincount``, a copy
+    to the CPU). On the CPU they cost nothing, so this is how a CPU test sees them.
+    """
+
+    NAMES = {"item", "__bool__", "tolist", "numpy", "__int__", "__float__", "__index__", "cpu"}
+    NAMES |= {"nonzero", "argwhere", "bincount", "unique", "masked_select", "_local_scalar_dense"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        masks = [a for a in args[1:] for a in (a if isinstance(a, tuple) else (a,)) if isinstance(a, torch.Tensor)]
+        if name in self.NAMES or (name in ("__getitem__", "__setitem__") and any(m.dtype == torch.bool for m in masks)):
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("case", ["fp32", "bf16", "microbatch", "skipped step", "loss scaling"])
+def test_a_training_step_reads_nothing_back_from_the_device(log_dir, images, case):
+    """The step between log rows: forward, losses, backward, AdamW, EMA, statistics, stop check."""
+    model = _NaNModel()
+    kw = dict(use_bf16=case == "bf16", microbatch=2 if case == "microbatch" else -1)
+    loop = _loop(log_dir, images, model=model, log_interval=100, max_steps=0, **kw)
+    if case == "loss scaling":  # float16's GradScaler path (on the CPU for the test)
+        loop.precision.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=1000)
+    loop.run_step(*next(loop.data))  # first step: optimizer state is created
+    model.poison = case == "skipped step"
+    batch = next(loop.data)
+    with HostReads() as spy:
+        loop.run_step(*batch)
+        assert not loop.stop.agreed(loop.device, due=loop.step % loop.log_interval == 0)
+    assert spy.reads == []
+    assert loop.nonfinite_in_a_row == (1 if case == "skipped step" else 0)
+
+
+@pytest.mark.cuda
 def test_fp16_scaler_on_cuda():
     mp = MixedPrecision(torch.device("cuda"), use_fp16=True, fp16_scale_growth=0.5)
     assert mp.lg_loss_scale == 20.0
@@ -417,7 +492,7 @@ def test_fp16_scaler_on_cuda():
     opt = torch.optim.SGD([p], lr=1.0)
     mp.backward((p * float("inf")).sum())
     mp.unscale_(opt)
-    assert mp.step(opt, torch.tensor(float("inf"))) is False
+    assert not mp.step(opt, torch.tensor(float("inf")))
     assert mp.lg_loss_scale == 19.0
 
 

@@ -261,8 +261,7 @@ def test_feature_vectors_follow_the_blocks():
     assert features["middle"][0].shape == (1, 64, 4, 4)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cuda_golden_and_fp16_autocast_with_fused_attention():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
