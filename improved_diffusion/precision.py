@@ -15,6 +15,7 @@ slow or unsupported for many ops, and bfloat16 is what CPUs accelerate.
 
 import contextlib
 import math
+import os
 from typing import Any, Callable, Dict, Iterable, Optional
 
 import torch
@@ -171,6 +172,32 @@ class ModelCall:
         with self.precision.autocast() if self.precision is not None else contextlib.nullcontext():
             out = self.model(x, t, **kwargs)
         return out.float()
+
+
+# cuBLAS needs a fixed workspace for deterministic results (read when CUDA creates its handles).
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def set_cuda_math(deterministic: bool = False, tf32: bool = False) -> str:
+    """
+    Set torch's process-wide choices of GPU arithmetic explicitly, rather than leave torch's
+    defaults (which let cuDNN convolutions use TF32, so "float32" would not be float32).
+
+    :param deterministic: ``torch.use_deterministic_algorithms`` (ops without a deterministic
+        kernel warn), cuDNN's benchmark mode off, and ``CUBLAS_WORKSPACE_CONFIG`` (if unset);
+        otherwise cuDNN picks the fastest kernel per shape (benchmark mode), which may differ
+        between runs.
+    :param tf32: allow TF32 (10-bit mantissa) in float32 matmuls and convolutions on Ampere and later.
+    :return: one line for the log, e.g. ``cuda math: tf32=False, deterministic=False, cudnn.benchmark=True``.
+    """
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    return f"cuda math: tf32={tf32}, deterministic={deterministic}, cudnn.benchmark={not deterministic}"
 
 
 def make_adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
