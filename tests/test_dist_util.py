@@ -270,6 +270,16 @@ def test_worker_job(tmp_path, checkpoint, launch, world, launcher, mpi):
     assert sorted(os.listdir(log_dir)) == ["log.txt", "progress.csv"]
 
 
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_nccl_job_on_two_gpus(tmp_path, checkpoint):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two visible GPUs")
+    code, out, _ = run_job(torchrun(2, os.path.join(SCRIPTS, "nccl.py"), checkpoint), cwd=str(tmp_path))
+    assert code == 0, out
+    assert "OK rank 0/2" in out and "OK rank 1/2" in out, out
+
+
 @pytest.mark.mpi
 @needs_mpiexec
 @pytest.mark.parametrize(

@@ -20,12 +20,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.overrides import TorchFunctionMode
 
-from improved_diffusion import checkpoints, fileio, logger
+from improved_diffusion import checkpoints, fileio, logger, script_util
 from improved_diffusion.errors import UserError
 from improved_diffusion.image_datasets import load_data
-from improved_diffusion.precision import MixedPrecision, cpu_has_fast_bf16, make_adamw
+from improved_diffusion.precision import MixedPrecision, cpu_has_fast_bf16, make_adamw, set_cuda_math
 from improved_diffusion.resample import LossSecondMomentResampler, UniformSampler, create_named_schedule_sampler
 from improved_diffusion.script_util import create_gaussian_diffusion
+from improved_diffusion.train_setup import compile_model
 from improved_diffusion.train_util import TrainLoop, parse_resume_step_from_filename
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -466,12 +467,15 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("case", ["fp32", "bf16", "microbatch", "skipped step", "loss scaling"])
+@pytest.mark.parametrize("case", ["fp32", "bf16", "microbatch", "skipped step", "loss scaling", "unet"])
 def test_a_training_step_reads_nothing_back_from_the_device(log_dir, images, case):
     """The step between log rows: forward, losses, backward, AdamW, EMA, statistics, stop check."""
     model = _NaNModel()
     kw = dict(use_bf16=case == "bf16", microbatch=2 if case == "microbatch" else -1)
-    loop = _loop(log_dir, images, model=model, log_interval=100, max_steps=0, **kw)
+    if case == "unet":  # the real network and a hybrid loss with learned sigmas
+        loop = _unet_loop(log_dir, (torch.rand(4, 3, 8, 8) * 2 - 1), log_interval=100, max_steps=0)
+    else:
+        loop = _loop(log_dir, images, model=model, log_interval=100, max_steps=0, **kw)
     if case == "loss scaling":  # float16's GradScaler path (on the CPU for the test)
         loop.precision.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=1000)
     loop.run_step(*next(loop.data))  # first step: optimizer state is created
@@ -494,6 +498,102 @@ def test_fp16_scaler_on_cuda():
     mp.unscale_(opt)
     assert not mp.step(opt, torch.tensor(float("inf")))
     assert mp.lg_loss_scale == 19.0
+
+
+def _unet_loop(log_dir, batch, **kw):
+    """A TrainLoop on a small real UNet (attention, GroupNorm, learned sigmas) and one fixed batch."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    model, diffusion = script_util.create_model_and_diffusion(
+        **dict(
+            script_util.model_and_diffusion_defaults(),
+            image_size=8,
+            num_channels=32,
+            num_res_blocks=1,
+            channel_mult="1,2",
+            attention_resolutions="4",
+            learn_sigma=True,
+            noise_schedule="cosine",
+            diffusion_steps=50,
+        )
+    )
+    return _loop(log_dir, model=model, diffusion=diffusion, data=iter(lambda: (batch, {}), None), **kw)
+
+
+def _cuda_batch(n=4):
+    return (torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(5)) * 2 - 1).pin_memory()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", ["fp32", "fp16", "bf16", "microbatch"])
+def test_cuda_training_step_has_no_host_sync(log_dir, case):
+    """Between log rows a step never waits for the GPU (torch's sync debug mode raises if it does)."""
+    batch = _cuda_batch()
+    kw = dict(use_fp16=case == "fp16", use_bf16=case == "bf16", microbatch=3 if case == "microbatch" else -1)
+    loop = _unet_loop(log_dir, batch, log_interval=1000, max_steps=0, **kw)
+    for _ in range(2):  # optimizer state, cuBLAS / cuDNN handles, caching allocators
+        loop.run_step(batch, {})
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loop.run_step(batch, {})
+        loop.stop.agreed(loop.device, due=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    loop.log_step()
+    assert np.isfinite(loop.last_logged["loss"])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["use_fp16", "use_bf16", "channels_last"])
+def test_cuda_mixed_precision_and_channels_last_train_close_to_fp32(log_dir, precision):
+    """fp16 autocast with GradScaler (until steps are taken), bf16 autocast, channels-last: 30 steps."""
+    batch = _cuda_batch()
+    set_cuda_math(tf32=False)
+    losses = {}
+    for name in ("fp32", precision):
+        loop = _unet_loop(log_dir, batch, log_interval=30, max_steps=30, **({name: True} if name != "fp32" else {}))
+        loop.run_loop()
+        assert all(p.dtype == torch.float32 and p.device.type == "cuda" for p in loop.params)
+        losses[name] = loop.last_logged["loss"]
+        if name == "use_fp16":
+            assert loop.nonfinite_in_a_row == 0 and loop.last_logged["lg_loss_scale"] < 20
+    assert np.isfinite(losses[precision]) and losses[precision] == pytest.approx(losses["fp32"], rel=0.05)
+
+
+@pytest.mark.cuda
+def test_cuda_compile_with_a_short_last_microbatch_compiles_once_per_size(log_dir):
+    from torch._dynamo.utils import counters
+
+    batch = _cuda_batch(4)
+    eager = _unet_loop(log_dir, batch, microbatch=3, max_steps=3)
+    eager.run_loop()
+    loop = _unet_loop(log_dir, batch, microbatch=3, max_steps=0)
+    compile_model(loop.model, True)
+    for _ in range(2):  # microbatches of 3 and 1: one graph each
+        loop.run_step(batch, {})
+    graphs = dict(counters["stats"])
+    loop.run_step(batch, {})
+    assert dict(counters["stats"]) == graphs  # no recompilation in later steps
+    for a, b in zip(loop.params, eager.params):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_deterministic_runs_repeat_bit_for_bit(log_dir):
+    batch = _cuda_batch()
+    set_cuda_math(deterministic=True)
+    try:
+        runs = []
+        for _ in range(2):
+            loop = _unet_loop(log_dir, batch, max_steps=3, use_bf16=True)
+            loop.run_loop()
+            runs.append([p.detach().clone() for p in loop.params])
+    finally:
+        set_cuda_math(deterministic=False)
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, **EXACT)
 
 
 def test_settings_are_checked(log_dir, images):
