@@ -8,6 +8,7 @@ import errno
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -678,27 +679,60 @@ def _two_rank_setup(log_dir, rank, steps, batch=None, ts=None):
     )
 
 
-def _run_two_ranks(tmp_path, steps):
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _mpiexec_two_ranks(script):
     mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
     if mpiexec is None:
         pytest.skip("mpiexec not found")
+    return [[mpiexec, "-n", "2", sys.executable, script]]
+
+
+def _torchrun_two_nodes(script):
+    """Two torchrun agents on this machine, one process each, meeting at a c10d rendezvous: two simulated nodes."""
+    port = _free_port()
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1"]
+    node += ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"test{port}"]
+    node += ["--local_addr", "127.0.0.1", script]
+    return [node, node]
+
+
+def _run_two_ranks(tmp_path, steps, launch=_mpiexec_two_ranks):
     out = str(tmp_path / "params.pt")
     script = tmp_path / "worker.py"
     script.write_text(
         MPI_WORKER.format(tests=os.path.join(REPO, "tests"), log=str(tmp_path / "log"), steps=steps, out=out)
     )
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [mpiexec, "-n", "2", sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update(OMP_NUM_THREADS="1", IDDPM_DIST_TIMEOUT="120")
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for cmd in launch(str(script))
+    ]
+    try:
+        outputs = [proc.communicate(timeout=150)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert all(proc.returncode == 0 for proc in procs), "\n".join(o[-3000:] for o in outputs)
     return torch.load(out)
 
 
 @pytest.mark.slow
-@pytest.mark.mpi
-def test_two_ranks_match_one_rank_with_both_batches(tmp_path):
-    params = _run_two_ranks(tmp_path, steps=3)
+@pytest.mark.parametrize(
+    "launch",
+    [
+        pytest.param(_mpiexec_two_ranks, id="mpiexec", marks=pytest.mark.mpi),
+        pytest.param(_torchrun_two_nodes, id="torchrun-two-nodes"),
+    ],
+)
+def test_two_ranks_match_one_rank_with_both_batches(tmp_path, launch):
+    params = _run_two_ranks(tmp_path, steps=3, launch=launch)
     torch.testing.assert_close(params[1], params[0], **EXACT)
     parts = [_two_rank_data(r) for r in range(2)]
     batch, ts = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
