@@ -154,19 +154,15 @@ def _fresh_memory(device: torch.device) -> None:
 
 def _loop(model: torch.nn.Module, diffusion: Any, batch_size: int, log_dir: str, **precision: Any) -> TrainLoop:
     """A TrainLoop that never logs, saves or checks for signals by itself (the check drives it)."""
+    quiet = dict(microbatch=-1, lr=1e-4, ema_rate="0.9999", log_interval=10**9, save_interval=0, resume_checkpoint="")
     return TrainLoop(
         model=model,
         diffusion=diffusion,
         data=iter(()),
         batch_size=batch_size,
-        microbatch=-1,
-        lr=1e-4,
-        ema_rate="0.9999",
-        log_interval=10**9,
-        save_interval=0,
-        resume_checkpoint="",
         log_dir=log_dir,
         handle_signals=False,
+        **quiet,
         **precision,
     )
 

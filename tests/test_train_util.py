@@ -505,19 +505,9 @@ def _unet_loop(log_dir, batch, **kw):
     """A TrainLoop on a small real UNet (attention, GroupNorm, learned sigmas) and one fixed batch."""
     torch.manual_seed(0)
     np.random.seed(0)
-    model, diffusion = script_util.create_model_and_diffusion(
-        **dict(
-            script_util.model_and_diffusion_defaults(),
-            image_size=8,
-            num_channels=32,
-            num_res_blocks=1,
-            channel_mult="1,2",
-            attention_resolutions="4",
-            learn_sigma=True,
-            noise_schedule="cosine",
-            diffusion_steps=50,
-        )
-    )
+    flags = dict(script_util.model_and_diffusion_defaults(), learn_sigma=True, noise_schedule="cosine")
+    flags.update(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4")
+    model, diffusion = script_util.create_model_and_diffusion(**dict(flags, diffusion_steps=50))
     return _loop(log_dir, model=model, diffusion=diffusion, data=iter(lambda: (batch, {}), None), **kw)
 
 
