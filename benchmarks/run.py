@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from improved_diffusion import dist_util, logger, winograd
 from improved_diffusion.errors import UserError, run_main
 from improved_diffusion.nn import SpeedSettings
-from improved_diffusion.precision import MixedPrecision, ModelCall
+from improved_diffusion.precision import MixedPrecision, ModelCall, set_cuda_math
 from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from improved_diffusion.train_setup import compile_model
 from improved_diffusion.train_util import TrainLoop
@@ -210,6 +210,8 @@ def _header(benchmark: str, args: argparse.Namespace, device: torch.device) -> D
         load_avg=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         quick=args.quick,
         repeats=args.repeats,
+        tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+        tf32_cudnn=torch.backends.cudnn.allow_tf32,
     )
 
 
@@ -532,6 +534,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    set_cuda_math()  # float32 is float32: no TF32 (recorded in every header)
     device = dist_util.dev()
     only = [b for b in args.only.split(",") if b] or list(BENCHMARKS)
     unknown = [b for b in only if b not in RUNNERS]

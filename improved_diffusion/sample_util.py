@@ -40,7 +40,7 @@ from .errors import UserError
 from .fileio import atomic_save_npz
 from .flags import sampling_defaults  # noqa: F401  (importable from here, as before)
 from .image_utils import save_sample_grid, to_uint8_nhwc
-from .precision import MixedPrecision, ModelCall
+from .precision import MixedPrecision, ModelCall, set_cuda_math
 from .script_util import NUM_CLASSES, args_to_dict, speed_from_args
 
 # Tags keep the seed streams of start noise and step noise apart.
@@ -134,6 +134,7 @@ def model_session(
     with dist_util.abort_on_error():
         logger.configure(dir=args.log_dir or None)
         logger.log(model.speed.summary())
+        logger.log(set_cuda_math())  # float32 sampling is float32 (no TF32)
         log_saved_flags(taken, args.model_path, argv)
         logger.log(f"loading {args.model_path}...")
         load_checkpoint(model, args, keys)
