@@ -201,10 +201,10 @@ def train_variant(
     precision, compile_it = VARIANTS[name]
     _fresh_memory(device)
     model = copy.deepcopy(start)
-    compile_model(model, compile_it)
     torch.manual_seed(1)
     np.random.seed(1)
     with tempfile.TemporaryDirectory() as log_dir, logger.scoped_configure(dir=log_dir, format_strs=["log"]):
+        compile_model(model, compile_it)
         loop = _loop(model, diffusion, args.batch_size, log_dir, **precision)
         start_s = time.perf_counter()
         for _ in range(args.steps):
@@ -397,7 +397,7 @@ def markdown(report: Dict[str, Any]) -> str:
         lines += ["", "| sampling, batch %d | " % h["batch_size"] + " | ".join(keys) + " |"]
         lines += ["|---" * (len(keys) + 1) + "|"]
         lines += [f"| {n} | " + " | ".join(_cell(e.get(k)) for k in keys) + " |" for n, e in sample.items()]
-    lines += ["", f"targets: {report.get('targets', {})}"]
+    lines += ["", f"targets: {report.get('targets', {})}; the whole check took {_cell(report.get('wall_s'))} s"]
     if report.get("failures"):
         lines += ["", "FAILURES: " + "; ".join(report["failures"])]
     return "\n".join(lines) + "\n"
@@ -448,12 +448,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     set_cuda_math(deterministic=False, tf32=args.tf32)
     report: Dict[str, Any] = {"header": header(device, args)}
+    started = time.perf_counter()
     if not args.skip_tests:
         report["tests"] = run_cuda_tests(args.tests_timeout_s)
         _log_progress("pytest -m cuda", {k: v for k, v in report["tests"].items() if k != "tail"})
     bench_training(device, args, report)
     bench_sampling(device, args, report)
     report["failures"] = failures(report)
+    report["wall_s"] = round(time.perf_counter() - started, 1)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)

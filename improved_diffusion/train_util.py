@@ -70,7 +70,7 @@ class TrainLoop:
     :param use_bf16: bfloat16 autocast for the network's forward (no loss scaling).
     :param max_steps: stop after this many steps in total (0 = no limit).
     :param log_dir: checkpoint folder (default ``logger.get_dir()``).
-    :param max_nonfinite_steps: stop with an error after this many non-finite losses in a row.
+    :param max_nonfinite_steps: stop with an error after this many non-finite losses in a row (seen when logging).
     :param channels_last: feed the network channels-last tensors (faster convolutions on GPUs).
     :param handle_signals: save a checkpoint on SIGTERM / SIGINT, then return from run_loop.
     """
