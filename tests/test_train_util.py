@@ -548,7 +548,7 @@ def test_cuda_mixed_precision_and_channels_last_train_close_to_fp32(log_dir, pre
         assert all(p.dtype == torch.float32 and p.device.type == "cuda" for p in loop.params)
         losses[name] = loop.last_logged["loss"]
         if name == "use_fp16":
-            assert loop.nonfinite_in_a_row == 0 and loop.last_logged["lg_loss_scale"] < 20
+            assert loop.nonfinite_in_a_row == 0 and loop.last_logged["lg_loss_scale"] <= 20
     assert np.isfinite(losses[precision]) and losses[precision] == pytest.approx(losses["fp32"], rel=0.05)
 
 
@@ -571,8 +571,9 @@ def test_cuda_compile_with_a_short_last_microbatch_compiles_once_per_size(log_di
 
 
 @pytest.mark.cuda
-def test_cuda_deterministic_runs_repeat_bit_for_bit(log_dir):
+def test_cuda_deterministic_runs_repeat_bit_for_bit(log_dir, monkeypatch):
     batch = _cuda_batch()
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what set_cuda_math sets; removed afterwards
     set_cuda_math(deterministic=True)
     try:
         runs = []
