@@ -20,14 +20,16 @@ from . import logger
 from . import nn as inn
 from .errors import UserError
 from .respace import SpacedDiffusion, space_timesteps
-from .unet import SuperResModel, UNetModel
+from .unet import CLASSIFIER_POOLS, EncoderUNetModel, SuperResModel, UNetModel
 
 NUM_CLASSES = 1000
 
 ARGS_JSON = "args.json"
 
-# Channel multipliers per image side. 256/64/32 are the original's; 128, 28 and 16 are ours.
+# Channel multipliers per image side. 256/64/32 are the original's, 512 and 128 guided-diffusion's
+# (a level has int(mult * num_channels) channels), 28 and 16 are ours.
 CHANNEL_MULTS = {
+    512: (0.5, 1, 1, 2, 2, 4, 4),
     256: (1, 1, 2, 2, 4, 4),
     128: (1, 1, 2, 3, 4),
     64: (1, 2, 3, 4),
@@ -35,6 +37,10 @@ CHANNEL_MULTS = {
     28: (1, 2, 2),
     16: (1, 2, 2),
 }
+# The super-resolution models' table: as above except 512, which guided's upsampler builds like 256.
+SR_CHANNEL_MULTS = {**CHANNEL_MULTS, 512: (1, 1, 2, 2, 4, 4)}
+# The noised classifier's fixed settings in guided-diffusion's factory [ADM §4].
+CLASSIFIER_HEAD_CHANNELS = 64
 
 
 def model_and_diffusion_defaults() -> Dict[str, Any]:
@@ -60,7 +66,49 @@ def model_and_diffusion_defaults() -> Dict[str, Any]:
         use_checkpoint=False,
         use_scale_shift_norm=True,
         channel_mult="",
+        # [ADM] architecture options (guided-diffusion's flags); these defaults are the original's network.
+        num_head_channels=-1,
+        resblock_updown=False,
+        use_new_attention_order=False,
     )
+
+
+_DIFFUSION_KEYS = (
+    "learn_sigma",
+    "sigma_small",
+    "diffusion_steps",
+    "noise_schedule",
+    "timestep_respacing",
+    "use_kl",
+    "predict_xstart",
+    "rescale_timesteps",
+    "rescale_learned_sigmas",
+)
+
+
+def diffusion_defaults() -> Dict[str, Any]:
+    """The DIFFUSION part of :func:`model_and_diffusion_defaults` (guided-diffusion's split, plus sigma_small)."""
+    defaults = model_and_diffusion_defaults()
+    return {k: defaults[k] for k in _DIFFUSION_KEYS}
+
+
+def classifier_defaults() -> Dict[str, Any]:
+    """Defaults of the noised classifier's flags, with guided-diffusion's names and values [ADM §4]."""
+    return dict(
+        image_size=64,
+        classifier_use_fp16=False,
+        classifier_width=128,
+        classifier_depth=2,
+        classifier_attention_resolutions="32,16,8",
+        classifier_use_scale_shift_norm=True,
+        classifier_resblock_updown=True,
+        classifier_pool="attention",
+    )
+
+
+def classifier_and_diffusion_defaults() -> Dict[str, Any]:
+    """The classifier's flags plus the DIFFUSION flags (what ``classifier_train.py`` parses)."""
+    return {**classifier_defaults(), **diffusion_defaults()}
 
 
 def create_model_and_diffusion(
@@ -84,8 +132,17 @@ def create_model_and_diffusion(
     use_checkpoint: bool,
     use_scale_shift_norm: bool,
     channel_mult: str = "",
+    num_head_channels: int = -1,
+    resblock_updown: bool = False,
+    use_new_attention_order: bool = False,
+    use_fp16: bool = False,
 ) -> Tuple[UNetModel, SpacedDiffusion]:
-    """Build the UNet and the (respaced) diffusion from the MODEL / DIFFUSION flags."""
+    """
+    Build the UNet and the (respaced) diffusion from the MODEL / DIFFUSION flags.
+
+    ``use_fp16`` (guided-diffusion's keyword, not a flag of this group here: training and
+    sampling choose autocast with their own flags) converts the torso's weights to float16.
+    """
     # The diffusion first: it validates the schedule and respacing before any weights exist.
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps,
@@ -111,35 +168,51 @@ def create_model_and_diffusion(
         use_scale_shift_norm=use_scale_shift_norm,
         dropout=dropout,
         channel_mult=channel_mult,
+        num_head_channels=num_head_channels,
+        resblock_updown=resblock_updown,
+        use_new_attention_order=use_new_attention_order,
+        use_fp16=use_fp16,
     )
     return model, diffusion
 
 
-def channel_mult_for(image_size: int, channel_mult: str = "", flag: str = "image_size") -> Tuple[int, ...]:
+def channel_mult_for(
+    image_size: int, channel_mult: str = "", flag: str = "image_size", table: Optional[Dict[int, Tuple]] = None
+) -> Tuple[float, ...]:
     """
-    Channel multipliers for a side length: the ``--channel_mult`` flag when given
-    (e.g. ``"1,2,2"``), else the table for 256/128/64/32/28/16.
+    Channel multipliers for a side length: the ``--channel_mult`` flag when given (e.g.
+    ``"1,2,2"``, or with fractions as in [ADM]'s 512 model, ``"0.5,1,1,2,2,4,4"``), else
+    ``table`` (default :data:`CHANNEL_MULTS`, for 512/256/128/64/32/28/16). Whole numbers come
+    back as ints, fractions as floats; a level has ``int(mult * num_channels)`` channels.
     """
     if channel_mult:
-        try:
-            mult = tuple(int(m) for m in str(channel_mult).split(","))
-        except ValueError:
-            raise UserError(
-                f"--channel_mult {channel_mult!r}: expected comma-separated positive integers like 1,2,2"
-            ) from None
-        if not mult or any(m <= 0 for m in mult):
-            raise UserError(f"--channel_mult {channel_mult!r}: multipliers must be positive integers")
-        return mult
-    if image_size not in CHANNEL_MULTS:
-        sizes = ", ".join(str(s) for s in sorted(CHANNEL_MULTS))
+        return _parse_channel_mult(str(channel_mult))
+    table = CHANNEL_MULTS if table is None else table
+    if image_size not in table:
+        sizes = ", ".join(str(s) for s in sorted(table))
         raise UserError(
             f"--{flag} {image_size} has no default channel multipliers (known sizes: {sizes}); "
             "pass --channel_mult, e.g. --channel_mult 1,2,2"
         )
-    return CHANNEL_MULTS[image_size]
+    return table[image_size]
 
 
-def attention_downsample_factors(attention_resolutions: str, image_size: int) -> Tuple[int, ...]:
+def _parse_channel_mult(channel_mult: str) -> Tuple[float, ...]:
+    """``"0.5,1,2"`` -> ``(0.5, 1, 2)``; anything else than positive numbers is a UserError."""
+    try:
+        mult = tuple(float(m) for m in channel_mult.split(","))
+    except ValueError:
+        raise UserError(
+            f"--channel_mult {channel_mult!r}: expected comma-separated positive numbers like 1,2,2 or 0.5,1,2"
+        ) from None
+    if not mult or any(not m > 0 or m == float("inf") for m in mult):
+        raise UserError(f"--channel_mult {channel_mult!r}: multipliers must be positive numbers")
+    return tuple(int(m) if m.is_integer() else m for m in mult)
+
+
+def attention_downsample_factors(
+    attention_resolutions: str, image_size: int, flag: str = "attention_resolutions"
+) -> Tuple[int, ...]:
     """Turn ``--attention_resolutions "16,8"`` (feature-map sides) into downsample factors."""
     factors = []
     for part in str(attention_resolutions).split(","):
@@ -150,11 +223,10 @@ def attention_downsample_factors(attention_resolutions: str, image_size: int) ->
             side = int(part)
         except ValueError:
             raise UserError(
-                f"--attention_resolutions {attention_resolutions!r}: expected comma-separated "
-                "feature-map sides like 16,8"
+                f"--{flag} {attention_resolutions!r}: expected comma-separated feature-map sides like 16,8"
             ) from None
         if side <= 0:
-            raise UserError(f"--attention_resolutions {attention_resolutions!r}: sides must be positive")
+            raise UserError(f"--{flag} {attention_resolutions!r}: sides must be positive")
         factors.append(image_size // side)
     return tuple(factors)
 
@@ -178,8 +250,16 @@ def create_model(
     use_scale_shift_norm: bool,
     dropout: float,
     channel_mult: str = "",
+    num_head_channels: int = -1,
+    resblock_updown: bool = False,
+    use_new_attention_order: bool = False,
+    use_fp16: bool = False,
 ) -> UNetModel:
-    """Build the attention UNet of [IDDPM App. A] from flags (3 input channels, 3 or 6 output)."""
+    """
+    Build the attention UNet of [IDDPM App. A] from flags (3 input channels, 3 or 6 output),
+    with the [ADM] options (``num_head_channels``, ``resblock_updown``, ``use_new_attention_order``;
+    ``use_fp16`` converts the torso's weights to float16, prefer autocast).
+    """
     return _build_unet(
         UNetModel,
         image_size,
@@ -195,6 +275,10 @@ def create_model(
         use_scale_shift_norm=use_scale_shift_norm,
         dropout=dropout,
         channel_mult=channel_mult,
+        num_head_channels=num_head_channels,
+        resblock_updown=resblock_updown,
+        use_new_attention_order=use_new_attention_order,
+        use_fp16=use_fp16,
     )
 
 
@@ -214,6 +298,11 @@ def _build_unet(
     use_scale_shift_norm: bool,
     dropout: float,
     channel_mult: str,
+    num_head_channels: int,
+    resblock_updown: bool,
+    use_new_attention_order: bool,
+    use_fp16: bool,
+    mult_table: Optional[Dict[int, Tuple]] = None,
 ) -> UNetModel:
     """Validate the model flags and build ``cls`` (UNetModel or SuperResModel) for side ``size``."""
     _check_positive(**{size_flag: size}, num_channels=num_channels, num_res_blocks=num_res_blocks)
@@ -227,12 +316,16 @@ def _build_unet(
         num_res_blocks=num_res_blocks,
         attention_resolutions=attention_downsample_factors(attention_resolutions, size),
         dropout=dropout,
-        channel_mult=channel_mult_for(size, channel_mult, flag=size_flag),
+        channel_mult=channel_mult_for(size, channel_mult, flag=size_flag, table=mult_table),
         num_classes=(NUM_CLASSES if class_cond else None),
         use_checkpoint=use_checkpoint,
         num_heads=num_heads,
         num_heads_upsample=num_heads_upsample,
         use_scale_shift_norm=use_scale_shift_norm,
+        num_head_channels=num_head_channels,
+        resblock_updown=resblock_updown,
+        use_new_attention_order=use_new_attention_order,
+        use_fp16=use_fp16,
     )
 
 
@@ -269,6 +362,10 @@ def sr_create_model_and_diffusion(
     use_checkpoint: bool,
     use_scale_shift_norm: bool,
     channel_mult: str = "",
+    num_head_channels: int = -1,
+    resblock_updown: bool = False,
+    use_new_attention_order: bool = False,
+    use_fp16: bool = False,
 ) -> Tuple[SuperResModel, SpacedDiffusion]:
     """Build the super-resolution UNet and its diffusion from the super-resolution flags."""
     diffusion = create_gaussian_diffusion(
@@ -296,6 +393,10 @@ def sr_create_model_and_diffusion(
         use_scale_shift_norm=use_scale_shift_norm,
         dropout=dropout,
         channel_mult=channel_mult,
+        num_head_channels=num_head_channels,
+        resblock_updown=resblock_updown,
+        use_new_attention_order=use_new_attention_order,
+        use_fp16=use_fp16,
     )
     return model, diffusion
 
@@ -314,8 +415,16 @@ def sr_create_model(
     use_scale_shift_norm: bool,
     dropout: float,
     channel_mult: str = "",
+    num_head_channels: int = -1,
+    resblock_updown: bool = False,
+    use_new_attention_order: bool = False,
+    use_fp16: bool = False,
 ) -> SuperResModel:
-    """Build the super-resolution UNet (low-resolution input upsampled and concatenated)."""
+    """
+    Build the super-resolution UNet (low-resolution input upsampled and concatenated), with
+    the [ADM] options as in :func:`create_model`; the default multipliers come from
+    :data:`SR_CHANNEL_MULTS`.
+    """
     _check_positive(small_size=small_size)
     if small_size >= large_size:
         raise UserError(f"--small_size {small_size} must be smaller than --large_size {large_size}")
@@ -334,7 +443,95 @@ def sr_create_model(
         use_scale_shift_norm=use_scale_shift_norm,
         dropout=dropout,
         channel_mult=channel_mult,
+        num_head_channels=num_head_channels,
+        resblock_updown=resblock_updown,
+        use_new_attention_order=use_new_attention_order,
+        use_fp16=use_fp16,
+        mult_table=SR_CHANNEL_MULTS,
     )
+
+
+def create_classifier(
+    image_size: int,
+    classifier_use_fp16: bool,
+    classifier_width: int,
+    classifier_depth: int,
+    classifier_attention_resolutions: str,
+    classifier_use_scale_shift_norm: bool,
+    classifier_resblock_updown: bool,
+    classifier_pool: str,
+    num_classes: int = NUM_CLASSES,
+    classifier_channel_mult: str = "",
+) -> EncoderUNetModel:
+    """
+    Build the noised classifier [ADM §4] from the classifier flags, as guided-diffusion's
+    factory does: heads of 64 channels, multipliers from the image-size table, 1000 classes.
+
+    :param num_classes: logits per image (ours: guided fixes 1000).
+    :param classifier_channel_mult: multipliers instead of the table (ours), e.g. ``"1,2,2"``.
+    """
+    check_choice("classifier_pool", classifier_pool, CLASSIFIER_POOLS)
+    _check_positive(image_size=image_size, classifier_width=classifier_width, classifier_depth=classifier_depth)
+    return EncoderUNetModel(
+        image_size=image_size,
+        in_channels=3,
+        model_channels=classifier_width,
+        out_channels=num_classes,
+        num_res_blocks=classifier_depth,
+        attention_resolutions=attention_downsample_factors(
+            classifier_attention_resolutions, image_size, flag="classifier_attention_resolutions"
+        ),
+        channel_mult=channel_mult_for(image_size, classifier_channel_mult),
+        use_fp16=classifier_use_fp16,
+        num_head_channels=CLASSIFIER_HEAD_CHANNELS,
+        use_scale_shift_norm=classifier_use_scale_shift_norm,
+        resblock_updown=classifier_resblock_updown,
+        pool=classifier_pool,
+    )
+
+
+def create_classifier_and_diffusion(
+    image_size: int,
+    classifier_use_fp16: bool,
+    classifier_width: int,
+    classifier_depth: int,
+    classifier_attention_resolutions: str,
+    classifier_use_scale_shift_norm: bool,
+    classifier_resblock_updown: bool,
+    classifier_pool: str,
+    learn_sigma: bool,
+    diffusion_steps: int,
+    noise_schedule: str,
+    timestep_respacing: str,
+    use_kl: bool,
+    predict_xstart: bool,
+    rescale_timesteps: bool,
+    rescale_learned_sigmas: bool,
+    sigma_small: bool = False,
+) -> Tuple[EncoderUNetModel, SpacedDiffusion]:
+    """Build the noised classifier and the diffusion whose x_t it classifies (guided-diffusion's factory)."""
+    diffusion = create_gaussian_diffusion(
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        sigma_small=sigma_small,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing,
+    )
+    classifier = create_classifier(
+        image_size,
+        classifier_use_fp16,
+        classifier_width,
+        classifier_depth,
+        classifier_attention_resolutions,
+        classifier_use_scale_shift_norm,
+        classifier_resblock_updown,
+        classifier_pool,
+    )
+    return classifier, diffusion
 
 
 def create_gaussian_diffusion(
