@@ -26,6 +26,8 @@ Paper equation -> function (equation numbers as printed in the papers):
   ``betas_for_alpha_bar``
 - [DDIM Eq. 12] step with sigma_t(eta) of [DDIM Eq. 16]: ``ddim_sample``, ``ddim_sample_loop(_progressive)``
 - [DDIM §4.3] (reversing the ODE of [DDIM Eq. 14]) DDIM encoding: ``ddim_reverse_sample``
+- [ADM Alg. 1] classifier guidance of the ancestral mean: ``condition_mean`` (``p_sample(cond_fn=)``)
+- [ADM Alg. 2] classifier guidance of the score (eps): ``condition_score`` (``ddim_sample(cond_fn=)``)
 
 Strided (respaced) sampling, [IDDPM §4], lives in :mod:`.respace`; importance sampling of t
 ([IDDPM Eq. 18]) in :mod:`.resample`.
@@ -47,6 +49,8 @@ from .nn import mean_flat
 NOISE_SCHEDULES = ("linear", "cosine")
 
 Model = Callable[..., torch.Tensor]
+# cond_fn(x_t, t, **model_kwargs) -> the gradient s * grad_x log p(y | x_t), shaped like x_t [ADM §4].
+CondFn = Callable[..., torch.Tensor]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,11 +315,17 @@ class GaussianDiffusion:
             return t.float() * (1000.0 / self.num_timesteps)
         return t
 
+    def _call_model(
+        self, fn: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, model_kwargs: Optional[Dict[str, Any]]
+    ) -> torch.Tensor:
+        """``fn(x, timesteps the model sees, **model_kwargs)``: the model, or a ``cond_fn``, which sees the same t."""
+        return fn(x, self._scale_timesteps(t), **(model_kwargs or {}))
+
     def _model_output(
         self, model: Model, x: torch.Tensor, t: torch.Tensor, model_kwargs: Optional[Dict[str, Any]]
     ) -> torch.Tensor:
         """Run the model and return its output in float32 (the precision boundary)."""
-        return model(x, self._scale_timesteps(t), **(model_kwargs or {})).float()
+        return self._call_model(model, x, t, model_kwargs).float()
 
     def p_mean_variance(
         self,
@@ -437,6 +447,61 @@ class GaussianDiffusion:
             _extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart
         ) / _extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape)
 
+    # -- classifier guidance [ADM §4] ------------------------------------------------------------
+
+    def _cond_gradient(
+        self, cond_fn: CondFn, x: torch.Tensor, t: torch.Tensor, model_kwargs: Optional[Dict[str, Any]]
+    ) -> torch.Tensor:
+        """``cond_fn`` at (x_t, t) in float32, with gradients enabled (sampling loops run under no_grad)."""
+        with torch.enable_grad():
+            return self._call_model(cond_fn, x, t, model_kwargs).float()
+
+    def condition_mean(
+        self,
+        cond_fn: CondFn,
+        p_mean_var: Dict[str, torch.Tensor],
+        x: torch.Tensor,
+        t: torch.Tensor,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+    ) -> torch.Tensor:
+        """
+        The guided mean of an ancestral step, ``mean + variance * cond_fn(x_t, t)`` [ADM Alg. 1].
+
+        :param cond_fn: called as ``cond_fn(x_t, t_model, **model_kwargs)`` with the timesteps
+            the model sees (the original indices under respacing); returns s * grad log p(y|x_t).
+        :param p_mean_var: the output of :meth:`p_mean_variance` at (x_t, t).
+        :param x: (N, C, ...) x_t.
+        :param t: (N,) int64 timesteps.
+        :return: (N, C, ...) float32 mean.
+        """
+        gradient = self._cond_gradient(cond_fn, x, t, model_kwargs)
+        return p_mean_var["mean"].float() + p_mean_var["variance"] * gradient
+
+    def condition_score(
+        self,
+        cond_fn: CondFn,
+        p_mean_var: Dict[str, torch.Tensor],
+        x: torch.Tensor,
+        t: torch.Tensor,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Guidance of the score [ADM Alg. 2]: ``eps' = eps - sqrt(1 - abar_t) * cond_fn(x_t, t)``,
+        then pred_xstart [IDDPM Eq. 9] and the posterior mean [IDDPM Eq. 11] from eps' (no clipping).
+
+        Arguments as in :meth:`condition_mean`.
+
+        :return: a copy of ``p_mean_var`` with ``pred_xstart`` and ``mean`` replaced.
+        """
+        eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
+        eps = eps - _extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x.shape) * self._cond_gradient(
+            cond_fn, x, t, model_kwargs
+        )
+        out = dict(p_mean_var)
+        out["pred_xstart"] = self._predict_xstart_from_eps(x, t, eps)
+        out["mean"], _, _ = self.q_posterior_mean_variance(x_start=out["pred_xstart"], x_t=x, t=t)
+        return out
+
     # -- sampling -----------------------------------------------------------------------------
 
     def p_sample(
@@ -447,6 +512,8 @@ class GaussianDiffusion:
         clip_denoised: bool = True,
         denoised_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
         model_kwargs: Optional[Dict[str, Any]] = None,
+        *,
+        cond_fn: Optional[CondFn] = None,
     ) -> Dict[str, torch.Tensor]:
         """
         One ancestral sampling step, x_{t-1} ~ p(x_{t-1} | x_t) ([DDPM Alg. 2]).
@@ -454,10 +521,14 @@ class GaussianDiffusion:
         Draws one ``randn_like(x)`` even at t = 0, where no noise is added.
 
         :param x: (N, C, ...) x_t. Other parameters as in :meth:`p_mean_variance`.
+        :param cond_fn: classifier guidance of the mean, :meth:`condition_mean` [ADM Alg. 1];
+            keyword-only (guided-diffusion has it before ``model_kwargs``).
         :return: dict with ``sample`` (x_{t-1}) and ``pred_xstart``, each (N, C, ...).
         """
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         noise = torch.randn_like(x)
+        if cond_fn is not None:
+            out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs)
         sample = out["mean"] + _nonzero_mask(t, x) * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
@@ -470,6 +541,8 @@ class GaussianDiffusion:
         denoised_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
         model_kwargs: Optional[Dict[str, Any]] = None,
         eta: float = 0.0,
+        *,
+        cond_fn: Optional[CondFn] = None,
     ) -> Dict[str, torch.Tensor]:
         """
         One DDIM step from x_t to x_{t-1} ([DDIM Eq. 12] with sigma_t(eta) of [DDIM Eq. 16]).
@@ -478,9 +551,12 @@ class GaussianDiffusion:
         when eta = 0 (deterministic).
 
         :param eta: 0 = deterministic DDIM, 1 = the ancestral (DDPM) variance.
+        :param cond_fn: classifier guidance of the score, :meth:`condition_score` [ADM Alg. 2].
         :return: dict with ``sample`` (x_{t-1}) and ``pred_xstart``, each (N, C, ...).
         """
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+        if cond_fn is not None:
+            out = self.condition_score(cond_fn, out, x, t, model_kwargs)
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
         alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
         alpha_bar_prev = _extract_into_tensor(self.alphas_cumprod_prev, t, x.shape)
@@ -525,6 +601,8 @@ class GaussianDiffusion:
         model_kwargs: Optional[Dict[str, Any]] = None,
         device: Optional[torch.device] = None,
         progress: bool = False,
+        *,
+        cond_fn: Optional[CondFn] = None,
     ) -> torch.Tensor:
         """
         Generate samples by ancestral sampling from t = T-1 down to 0.
@@ -533,11 +611,12 @@ class GaussianDiffusion:
         :param noise: the start x_T; drawn with ``torch.randn`` when None.
         :param device: where to sample; defaults to the model's parameters' device.
         :param progress: show a tqdm progress bar.
+        :param cond_fn: classifier guidance [ADM Alg. 1], see :meth:`condition_mean`.
         :return: (N, C, ...) the final samples.
         """
         return _last_sample(
             self.p_sample_loop_progressive(
-                model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress
+                model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, cond_fn=cond_fn
             )
         )
 
@@ -551,6 +630,8 @@ class GaussianDiffusion:
         model_kwargs: Optional[Dict[str, Any]] = None,
         device: Optional[torch.device] = None,
         progress: bool = False,
+        *,
+        cond_fn: Optional[CondFn] = None,
     ) -> Iterator[Dict[str, torch.Tensor]]:
         """
         Ancestral sampling, yielding the output of :meth:`p_sample` after every step.
@@ -558,7 +639,7 @@ class GaussianDiffusion:
         Arguments as in :meth:`p_sample_loop`.
         """
         return self._sample_loop_progressive(
-            self.p_sample, model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress
+            self.p_sample, model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, cond_fn
         )
 
     def ddim_sample_loop(
@@ -572,17 +653,20 @@ class GaussianDiffusion:
         device: Optional[torch.device] = None,
         progress: bool = False,
         eta: float = 0.0,
+        *,
+        cond_fn: Optional[CondFn] = None,
     ) -> torch.Tensor:
         """
         Generate samples with DDIM steps ([DDIM Eq. 12]) from t = T-1 down to 0.
 
-        Arguments as in :meth:`p_sample_loop`; ``eta`` as in :meth:`ddim_sample`.
+        Arguments as in :meth:`p_sample_loop`; ``eta`` as in :meth:`ddim_sample`; ``cond_fn``
+        guides the score [ADM Alg. 2], see :meth:`condition_score`.
 
         :return: (N, C, ...) the final samples.
         """
         return _last_sample(
             self.ddim_sample_loop_progressive(
-                model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, eta
+                model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, eta, cond_fn=cond_fn
             )
         )
 
@@ -597,6 +681,8 @@ class GaussianDiffusion:
         device: Optional[torch.device] = None,
         progress: bool = False,
         eta: float = 0.0,
+        *,
+        cond_fn: Optional[CondFn] = None,
     ) -> Iterator[Dict[str, torch.Tensor]]:
         """
         DDIM sampling, yielding the output of :meth:`ddim_sample` after every step.
@@ -605,7 +691,7 @@ class GaussianDiffusion:
         """
         step = functools.partial(self.ddim_sample, eta=eta)
         return self._sample_loop_progressive(
-            step, model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress
+            step, model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, cond_fn
         )
 
     def _sample_loop_progressive(
@@ -619,6 +705,7 @@ class GaussianDiffusion:
         model_kwargs: Optional[Dict[str, Any]],
         device: Optional[torch.device],
         progress: bool,
+        cond_fn: Optional[CondFn] = None,
     ) -> Iterator[Dict[str, torch.Tensor]]:
         """The loop driver shared by ancestral and DDIM sampling; ``step`` is the only difference."""
         if device is None:
@@ -634,7 +721,13 @@ class GaussianDiffusion:
             t = torch.full((shape[0],), i, dtype=torch.long, device=device)
             with torch.no_grad():
                 out = step(
-                    model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
+                    model,
+                    img,
+                    t,
+                    clip_denoised=clip_denoised,
+                    denoised_fn=denoised_fn,
+                    model_kwargs=model_kwargs,
+                    cond_fn=cond_fn,
                 )
             yield out
             img = out["sample"]
