@@ -26,25 +26,51 @@ _FLAG_ORDER = (
     "learn_sigma",
     "class_cond",
     "use_scale_shift_norm",
+    "resblock_updown",
     "channel_mult",
 )
 _BLOCK_KEY = re.compile(r"^input_blocks\.(\d+)\.(\d+)\.")
+# An upsampling residual block [ADM]: a residual block after the first child of an output block.
+_UP_RESBLOCK_KEY = re.compile(r"^output_blocks\.(\d+)\.[12]\.in_layers\.")
+# What the weights cannot show: these change the outputs, not the shapes.
+UNSTORED_NOTE = (
+    "--num_heads and --num_heads_upsample are not stored in a checkpoint, nor are --num_head_channels, "
+    "--use_new_attention_order and --rescale_timesteps (they change the outputs, not the shapes): keep the "
+    "training values, or for a released checkpoint use --preset NAME (--preset list)"
+)
 
 
 def _shape(tensor: torch.Tensor) -> str:
     return str(tuple(tensor.shape))
 
 
+def _updown_input_blocks(state_dict: Mapping[str, torch.Tensor]) -> Optional[set]:
+    """
+    With ``resblock_updown`` [ADM] (upsampling residual blocks in the output half), the
+    indices of the input blocks that are downsampling residual blocks; else None. Level l of
+    n residual blocks ends with output block ``(l + 1) * (n + 1) - 1``, so n = the first one's index.
+    """
+    ups = sorted({int(m.group(1)) for m in map(_UP_RESBLOCK_KEY.match, state_dict) if m})
+    if not ups:
+        return None
+    per_level = ups[0] + 1  # n residual blocks + the downsampling one
+    return {level * per_level + per_level for level in range(len(ups))}
+
+
 def _input_levels(state_dict: Mapping[str, torch.Tensor]) -> List[List[Tuple[int, set]]]:
     """
     The input blocks after the first conv, grouped by resolution level: for each block its
     index and the set of its children's kinds ("res", "attn", "down"). Downsample blocks
-    without weights (no ``conv_resample``) show up as gaps in the numbering.
+    without weights (no ``conv_resample``) show up as gaps in the numbering; downsampling
+    residual blocks (``resblock_updown``) are found from the output half.
     """
-    kinds: Dict[int, set] = {}
+    down_blocks = _updown_input_blocks(state_dict) or set()
+    kinds: Dict[int, set] = {int(index): {"down"} for index in down_blocks}
     for key in state_dict:
         match = _BLOCK_KEY.match(key)
         if not match or match.group(1) == "0":
+            continue
+        if int(match.group(1)) in down_blocks:
             continue
         rest = key[match.end() :]
         kind = "res" if rest.startswith("in_layers") else "attn" if rest.startswith("qkv") else "down"
@@ -63,15 +89,18 @@ def guess_flags_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[
     """
     Guess the MODEL flags a checkpoint was trained with, from the shapes of its tensors.
 
-    Only what shapes reveal: ``num_channels`` (out channels of ``input_blocks.0.0.weight``),
-    ``learn_sigma`` (``out.2.weight`` has 6 rows, not 3), ``class_cond`` (``label_emb.weight``
-    present), ``use_scale_shift_norm`` (``emb_layers.1.weight`` rows = 2 x the block's
-    channels), ``num_res_blocks``, ``channel_mult`` (e.g. ``"1,2,2,2"``) and, where those
-    multipliers belong to exactly one known size, ``image_size`` (``large_size`` for a
-    super-resolution model, whose first conv sees 6 channels) and ``attention_resolutions``
-    (e.g. ``"16,8"``). ``attention_downsample_factors`` (a tuple) is always given. The number of
-    heads (``num_heads``, ``num_heads_upsample``) and ``dropout`` leave no trace in the weights
-    and cannot be guessed. Keys whose tensors are absent are left out.
+    Only what shapes reveal: ``num_channels`` (in-features of ``time_embed.0.weight``, else
+    out channels of ``input_blocks.0.0.weight``), ``learn_sigma`` (``out.2.weight`` has 6 rows,
+    not 3), ``class_cond`` (``label_emb.weight`` present), ``use_scale_shift_norm``
+    (``emb_layers.1.weight`` rows = 2 x the block's channels), ``resblock_updown`` (residual
+    blocks in the upsampling positions [ADM]), ``num_res_blocks``, ``channel_mult`` (e.g.
+    ``"1,2,2,2"``, ``"0.5,1,1,2,2,4,4"``) and, where those multipliers belong to exactly one
+    known size, ``image_size`` (``large_size`` for a super-resolution model, whose first conv
+    sees 6 channels) and ``attention_resolutions`` (e.g. ``"16,8"``).
+    ``attention_downsample_factors`` (a tuple) is always given. The heads (``num_heads``,
+    ``num_heads_upsample``, ``num_head_channels``), the attention order
+    (``use_new_attention_order``), ``rescale_timesteps`` and ``dropout`` leave no trace in the
+    weights and cannot be guessed. Keys whose tensors are absent are left out.
 
     :param state_dict: a model state_dict in the original layout.
     :return: dict of flag name -> guessed value.
@@ -81,6 +110,9 @@ def guess_flags_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[
     if first is None or first.dim() < 2:
         return guess
     channels, in_channels = int(first.shape[0]), int(first.shape[1])
+    time_embed = state_dict.get("time_embed.0.weight")
+    if time_embed is not None and time_embed.dim() == 2:
+        channels = int(time_embed.shape[1])  # the first level may be narrower ([ADM]'s 0.5 at 512)
     guess["num_channels"] = channels
     out = state_dict.get("out.2.weight")
     if out is not None and int(out.shape[0]) in (3, 6):
@@ -90,6 +122,7 @@ def guess_flags_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[
     mid_out = state_dict.get("middle_block.0.out_layers.3.weight")
     if emb is not None and mid_out is not None:
         guess["use_scale_shift_norm"] = int(emb.shape[0]) == 2 * int(mid_out.shape[0])
+    guess["resblock_updown"] = _updown_input_blocks(state_dict) is not None
     levels = _input_levels(state_dict)
     if not levels:
         return guess
@@ -99,22 +132,23 @@ def guess_flags_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[
         res_out = state_dict.get(f"input_blocks.{level[0][0]}.0.out_layers.3.weight")
         if res_out is None:
             return guess
-        mult.append(int(res_out.shape[0]) // channels)
+        width = int(res_out.shape[0])
+        mult.append(width // channels if width % channels == 0 else width / channels)
     guess["channel_mult"] = ",".join(str(m) for m in mult)
     factors = tuple(2**i for i, level in enumerate(levels) if any("attn" in kinds for _, kinds in level))
     guess["attention_downsample_factors"] = factors
-    size = _size_for_channel_mult(tuple(mult))
+    size = _size_for_channel_mult(tuple(mult), super_res=in_channels == 6)
     if size is not None:
         guess["large_size" if in_channels == 6 else "image_size"] = size
         guess["attention_resolutions"] = ",".join(str(size // f) for f in factors)
     return guess
 
 
-def _size_for_channel_mult(mult: Tuple[int, ...]) -> Optional[int]:
+def _size_for_channel_mult(mult: Tuple[float, ...], super_res: bool = False) -> Optional[int]:
     """The one known image size whose default multipliers are ``mult``, else None."""
-    from .script_util import CHANNEL_MULTS  # lazy: script_util imports the whole library
+    from .script_util import CHANNEL_MULTS, SR_CHANNEL_MULTS  # lazy: script_util imports the whole library
 
-    sizes = [size for size, m in CHANNEL_MULTS.items() if tuple(m) == mult]
+    sizes = [size for size, m in (SR_CHANNEL_MULTS if super_res else CHANNEL_MULTS).items() if tuple(m) == mult]
     return sizes[0] if len(sizes) == 1 else None
 
 
@@ -216,5 +250,16 @@ def load_model_state(
     first = state_dict.get("input_blocks.0.0.weight")
     if first is not None and first.dim() >= 2 and int(first.shape[1]) == 6 and "large_size" not in (flags or {}):
         message += "; it is a super-resolution model (6 input channels): use the super_res scripts"
-    message += "; --num_heads and --num_heads_upsample are not stored in a checkpoint, keep the training values"
+    message += _preset_hint(state_dict)
+    message += f"; {UNSTORED_NOTE}"
     raise UserError(message)
+
+
+def _preset_hint(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """'; its shapes are those of --preset NAME (file)' when a released checkpoint's architecture fits."""
+    from .presets import PRESETS, matching_presets  # lazy: presets imports script_util
+
+    names = matching_presets(guess_flags_from_state_dict(state_dict))
+    if not names:
+        return ""
+    return "; its shapes are those of " + " or ".join(f"--preset {n} ({PRESETS[n].checkpoint})" for n in names)
