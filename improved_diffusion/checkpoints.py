@@ -38,6 +38,10 @@ UNSTORED_NOTE = (
     "--use_new_attention_order and --rescale_timesteps (they change the outputs, not the shapes): keep the "
     "training values, or for a released checkpoint use --preset NAME (--preset list)"
 )
+CLASSIFIER_NOTE = (
+    "--classifier_depth and --classifier_attention_resolutions must be the training values; for a released "
+    "classifier use --preset adm-classifier64 (128, 256, 512)"
+)
 
 
 def _shape(tensor: torch.Tensor) -> str:
@@ -118,10 +122,9 @@ def guess_flags_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[
     if out is not None and int(out.shape[0]) in (3, 6):
         guess["learn_sigma"] = int(out.shape[0]) == 6
     guess["class_cond"] = "label_emb.weight" in state_dict
-    emb = state_dict.get("middle_block.0.emb_layers.1.weight")
-    mid_out = state_dict.get("middle_block.0.out_layers.3.weight")
-    if emb is not None and mid_out is not None:
-        guess["use_scale_shift_norm"] = int(emb.shape[0]) == 2 * int(mid_out.shape[0])
+    scale_shift = _uses_scale_shift_norm(state_dict)
+    if scale_shift is not None:
+        guess["use_scale_shift_norm"] = scale_shift
     guess["resblock_updown"] = _updown_input_blocks(state_dict) is not None
     levels = _input_levels(state_dict)
     if not levels:
@@ -142,6 +145,55 @@ def guess_flags_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[
         guess["large_size" if in_channels == 6 else "image_size"] = size
         guess["attention_resolutions"] = ",".join(str(size // f) for f in factors)
     return guess
+
+
+def _uses_scale_shift_norm(state_dict: Mapping[str, torch.Tensor]) -> Optional[bool]:
+    """``emb_layers.1.weight`` rows = 2 x the middle block's channels; None when the keys are absent."""
+    emb = state_dict.get("middle_block.0.emb_layers.1.weight")
+    mid_out = state_dict.get("middle_block.0.out_layers.3.weight")
+    if emb is None or mid_out is None:
+        return None
+    return int(emb.shape[0]) == 2 * int(mid_out.shape[0])
+
+
+def guess_classifier_flags(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
+    """
+    The noised classifier's flags [ADM §4] that its shapes reveal: ``classifier_width``,
+    ``classifier_use_scale_shift_norm`` and ``classifier_pool`` (from the head's keys).
+    Depth, attention resolutions and up/down blocks are not read back here.
+
+    :return: dict of flag name -> guessed value; keys whose tensors are absent are left out.
+    """
+    guess: Dict[str, Any] = {}
+    time_embed = state_dict.get("time_embed.0.weight")
+    if time_embed is not None and time_embed.dim() == 2:
+        guess["classifier_width"] = int(time_embed.shape[1])
+    scale_shift = _uses_scale_shift_norm(state_dict)
+    if scale_shift is not None:
+        guess["classifier_use_scale_shift_norm"] = scale_shift
+    head = {key: tensor.dim() for key, tensor in state_dict.items() if key.startswith("out.")}
+    if "out.2.positional_embedding" in head:
+        guess["classifier_pool"] = "attention"
+    elif head.get("out.1.weight") == 1:
+        guess["classifier_pool"] = "spatial_v2"
+    elif head.get("out.3.weight", 0) >= 3:
+        guess["classifier_pool"] = "adaptive"
+    elif head.get("out.2.weight") == 2:
+        guess["classifier_pool"] = "spatial"
+    return guess
+
+
+def _classifier_hint(
+    checkpoint: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], flags: Optional[Mapping[str, Any]]
+) -> str:
+    """As :func:`_flag_hint`, for the noised classifier's flags."""
+    ckpt, built = guess_classifier_flags(checkpoint), guess_classifier_flags(model)
+    differ = [name for name in ckpt if name in built and ckpt[name] != built[name]]
+    if not differ:
+        return ""
+    passed = {**built, **(flags or {})}
+    label = "you passed" if flags is not None else "the classifier has"
+    return f"the checkpoint looks like {_format_flags(ckpt, differ)} ({label} {_format_flags(passed, differ)})"
 
 
 def _size_for_channel_mult(mult: Tuple[float, ...], super_res: bool = False) -> Optional[int]:
@@ -227,7 +279,8 @@ def load_model_state(
 
     On any difference in keys or shapes, raise a one-line :class:`UserError` naming ``source``,
     the first mismatched / missing / unexpected keys with their shapes (checkpoint vs model)
-    and the flags that probably differ, as guessed by :func:`guess_flags_from_state_dict`.
+    and the flags that probably differ, as guessed by :func:`guess_flags_from_state_dict`
+    (:func:`guess_classifier_flags` for the noised classifier, a model without ``output_blocks``).
 
     :param model: the model built from the flags.
     :param state_dict: the checkpoint's tensors (original key layout).
@@ -244,6 +297,9 @@ def load_model_state(
     message = f"checkpoint {source} does not match the model built from the flags: " + ", ".join(phrases)
     if state_dict and all(k.startswith("module.") for k in state_dict):
         message += "; its keys start with 'module.' (saved from a DistributedDataParallel wrapper, not the model)"
+    if not any(k.startswith("output_blocks.") for k in expected):  # the noised classifier (no upsampling half)
+        hint = _classifier_hint(state_dict, expected, flags)
+        raise UserError(message + (f"; {hint}" if hint else "") + f"; {CLASSIFIER_NOTE}")
     hint = _flag_hint(state_dict, expected, flags)
     if hint:
         message += f"; {hint}"

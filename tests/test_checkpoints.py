@@ -183,3 +183,21 @@ def test_not_a_state_dict(state_dict, found):
     model = UNetModel(3, 32, 3, 1, (), channel_mult=(1,))
     with pytest.raises(UserError, match=rf"^checkpoint opt\.pt is not a model state_dict \(found {found}\)"):
         load_model_state(model, state_dict, "opt.pt")
+
+
+def test_classifier_checkpoint_of_another_shape_names_the_classifier_flags():
+    from improved_diffusion.unet import EncoderUNetModel
+
+    data = load_pt("guided/classifiers.pt")["models"]
+    kwargs = dict(data["attention"]["kwargs"], model_channels=64, pool="adaptive")
+    with pytest.raises(UserError) as info:
+        load_model_state(EncoderUNetModel(**kwargs), data["attention"]["state_dict"], "clf.pt", flags={})
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("checkpoint clf.pt does not match the model")
+    assert (
+        "the checkpoint looks like --classifier_width 32 --classifier_pool attention "
+        "(you passed --classifier_width 64 --classifier_pool adaptive)"
+    ) in message
+    assert message.endswith("for a released classifier use --preset adm-classifier64 (128, 256, 512)")
+    model = EncoderUNetModel(**data["spatial_v2"]["kwargs"])
+    load_model_state(model, data["spatial_v2"]["state_dict"], "clf.pt")  # a matching one loads strictly
