@@ -23,7 +23,7 @@ Paper equation -> function (equation numbers as printed in the papers):
 - [IDDPM Eq. 6] prior term L_T: ``_prior_bpd``
 - [IDDPM Eq. 3] the whole bound in bits/dim: ``calc_bpd_loop``
 - [IDDPM Eq. 17] and §3.2 (beta clipped at 0.999) cosine schedule: ``get_named_beta_schedule``,
-  ``betas_for_alpha_bar``
+  ``betas_for_alpha_bar`` (in :mod:`.schedules`, re-exported here)
 - [DDIM Eq. 12] step with sigma_t(eta) of [DDIM Eq. 16]: ``ddim_sample``, ``ddim_sample_loop(_progressive)``
 - [DDIM §4.3] (reversing the ODE of [DDIM Eq. 14]) DDIM encoding: ``ddim_reverse_sample``
 - [ADM Alg. 1] classifier guidance of the ancestral mean: ``condition_mean`` (``p_sample(cond_fn=)``)
@@ -35,7 +35,6 @@ Strided (respaced) sampling, [IDDPM §4], lives in :mod:`.respace`; importance s
 
 import enum
 import functools
-import math
 import weakref
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -45,71 +44,13 @@ import torch
 from .errors import UserError
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .nn import mean_flat
-
-NOISE_SCHEDULES = ("linear", "cosine")
+from .schedules import NOISE_SCHEDULES as NOISE_SCHEDULES  # re-exported: the schedules were defined here
+from .schedules import betas_for_alpha_bar as betas_for_alpha_bar
+from .schedules import get_named_beta_schedule as get_named_beta_schedule
 
 Model = Callable[..., torch.Tensor]
 # cond_fn(x_t, t, **model_kwargs) -> the gradient s * grad_x log p(y | x_t), shaped like x_t [ADM §4].
 CondFn = Callable[..., torch.Tensor]
-
-
-# ---------------------------------------------------------------------------------------------
-# Noise schedules
-
-
-def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) -> np.ndarray:
-    """
-    The beta schedule called ``schedule_name`` with ``num_diffusion_timesteps`` steps.
-
-    - ``"linear"``: [DDPM §4]'s linear betas from 1e-4 to 0.02 at T=1000, both ends scaled by
-      1000/T so that any T gives a similar process (needs T >= 20: beyond that betas exceed 1).
-    - ``"cosine"``: [IDDPM Eq. 17] with s = 0.008, betas clipped at 0.999 ([IDDPM §3.2]).
-
-    :return: (T,) float64 betas.
-    """
-    steps = _check_num_steps(num_diffusion_timesteps)
-    if schedule_name == "linear":
-        if steps < 20:
-            raise UserError(
-                f"--diffusion_steps {steps}: the linear noise schedule needs more than 20 steps (with "
-                "fewer its betas exceed 1, at exactly 20 the last is 1); use more steps or --noise_schedule cosine"
-            )
-        scale = 1000 / steps
-        return np.linspace(scale * 0.0001, scale * 0.02, steps, dtype=np.float64)
-    if schedule_name == "cosine":
-        return betas_for_alpha_bar(steps, lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2)
-    allowed = ", ".join(repr(name) for name in NOISE_SCHEDULES)
-    raise UserError(f"unknown noise schedule {schedule_name!r} (--noise_schedule): expected one of {allowed}")
-
-
-def betas_for_alpha_bar(
-    num_diffusion_timesteps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999
-) -> np.ndarray:
-    """
-    Discretize a continuous cumulative product of alphas into betas,
-    ``beta_i = min(1 - alpha_bar((i+1)/T) / alpha_bar(i/T), max_beta)`` ([IDDPM §3.2]).
-
-    :param alpha_bar: maps u in [0, 1] to the fraction of signal kept up to time u.
-    :param max_beta: the clip that keeps the last steps from being singular.
-    :return: (T,) float64 betas.
-    """
-    steps = _check_num_steps(num_diffusion_timesteps)
-    betas = [min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), max_beta) for i in range(steps)]
-    return np.array(betas, dtype=np.float64)
-
-
-def _check_num_steps(num_diffusion_timesteps: int) -> int:
-    try:
-        is_int = (
-            not isinstance(num_diffusion_timesteps, bool) and int(num_diffusion_timesteps) == num_diffusion_timesteps
-        )
-    except (TypeError, ValueError):
-        is_int = False
-    if not is_int:
-        raise UserError(f"--diffusion_steps {num_diffusion_timesteps!r}: expected a positive integer")
-    if num_diffusion_timesteps <= 0:
-        raise UserError(f"--diffusion_steps {num_diffusion_timesteps}: must be a positive integer")
-    return int(num_diffusion_timesteps)
 
 
 # ---------------------------------------------------------------------------------------------
