@@ -155,3 +155,14 @@ def test_classifier_bad_pool_and_attention_pool_without_head_width():
     flags = {k: v for k, v in script_util.classifier_defaults().items()}
     with pytest.raises(UserError, match=r"^--classifier_pool 'max': expected one of"):
         script_util.create_classifier(**dict(flags, classifier_pool="max"))
+
+
+def test_use_fp16_converts_the_torso_and_diffusion_defaults_are_a_subset():
+    model = script_util.create_model(**_small_model_flags(channel_mult="1,1", use_fp16=True))
+    assert model.dtype == torch.float16 and model.time_embed[0].weight.dtype == torch.float32
+    defaults = script_util.model_and_diffusion_defaults()
+    assert script_util.diffusion_defaults() == {k: defaults[k] for k in script_util.diffusion_defaults()}
+    assert {"diffusion_steps", "rescale_timesteps", "learn_sigma"} <= set(script_util.diffusion_defaults())
+    assert set(script_util.classifier_and_diffusion_defaults()) == set(script_util.classifier_defaults()) | set(
+        script_util.diffusion_defaults()
+    )
