@@ -133,3 +133,16 @@ def test_mismatch_error_names_the_matching_preset():
     assert "--resblock_updown True" in message
     assert "its shapes are those of --preset adm-imagenet64 (64x64_diffusion.pt)" in message
     assert "--use_new_attention_order and --rescale_timesteps (they change the outputs, not the shapes)" in message
+
+
+def test_flags_guessed_from_released_shapes_include_adm_options():
+    from improved_diffusion.checkpoints import guess_flags_from_state_dict
+
+    guess = guess_flags_from_state_dict(_meta_model("adm-imagenet512").state_dict())
+    assert (guess["num_channels"], guess["channel_mult"], guess["image_size"]) == (256, "0.5,1,1,2,2,4,4", 512)
+    assert (guess["resblock_updown"], guess["num_res_blocks"], guess["attention_resolutions"]) == (True, 2, "32,16,8")
+    guess = guess_flags_from_state_dict(_meta_model("iddpm-cifar10-uncond").state_dict())
+    assert (guess["resblock_updown"], guess["num_res_blocks"], guess["image_size"]) == (False, 3, 32)
+    # The 128 -> 512 upsampler has the 256 multipliers: no size is guessed for it.
+    guess = guess_flags_from_state_dict(_meta_model("adm-upsample128-512").state_dict())
+    assert guess["channel_mult"] == "1,1,2,2,4,4" and "large_size" not in guess
