@@ -160,7 +160,7 @@ def worthwhile(in_channels: int, out_channels: int, height: int, width: int) -> 
     )
 
 
-def _fast_input(x: torch.Tensor) -> bool:
+def fast_input(x: torch.Tensor) -> bool:
     """A 4-d float32 CPU tensor outside autocast and ``torch.compile``."""
     return (
         x.device.type == "cpu"
@@ -178,7 +178,7 @@ def eligible(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
     padding.
     """
     return (
-        _fast_input(x)
+        fast_input(x)
         and conv.weight.dtype == torch.float32
         and conv.kernel_size == (3, 3)
         and conv.stride == (1, 1)
@@ -192,16 +192,6 @@ def eligible(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
 def applicable(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether ``conv(x)`` takes the Winograd path by the fixed rule: :func:`eligible` and :func:`worthwhile`."""
     return eligible(conv, x) and worthwhile(conv.in_channels, conv.out_channels, *x.shape[-2:])
-
-
-def prefers_channels_last(x: torch.Tensor, channels: int) -> bool:
-    """
-    Whether a network whose first level has ``channels`` channels should take ``x`` in
-    channels-last layout: its first-level convolutions take the Winograd path, which returns
-    channels-last tensors, so every layer then sees one layout (mixed layouts cost a
-    conversion at each residual addition).
-    """
-    return _fast_input(x) and worthwhile(channels, channels, *x.shape[-2:])
 
 
 class _WinogradConv3x3(torch.autograd.Function):
@@ -390,7 +380,9 @@ def _measure(in_channels: int, out_channels: int, x: torch.Tensor, training: boo
             with torch.no_grad():
                 conv(probe, weight, bias)
             return
-        with torch.enable_grad():
+        # Own saved-tensor hooks: inside a gradient-checkpointed block the probe's tensors must
+        # not join the block's saved tensors (the recomputation would not see them again).
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
             inputs = [t.detach().requires_grad_(True) for t in (probe, weight, bias)]
             conv(*inputs).sum().backward()
 
@@ -399,6 +391,10 @@ def _measure(in_channels: int, out_channels: int, x: torch.Tensor, training: boo
         "winograd_s": _fastest(lambda: run(conv3x3), repeats),
     }
     return {"winograd": times["winograd_s"] <= margin * times["direct_s"], **times}
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def _fastest(fn: Any, repeats: int) -> float:

@@ -12,6 +12,10 @@ from improved_diffusion.errors import UserError
 from improved_diffusion.unet import UNetModel
 
 HEADS_NOTE = "--num_heads and --num_heads_upsample are not stored in a checkpoint"
+UNSTORED_END = (
+    "nor are --num_head_channels, --use_new_attention_order and --rescale_timesteps (they change the outputs, "
+    "not the shapes): keep the training values, or for a released checkpoint use --preset NAME (--preset list)"
+)
 
 
 def _flags(**overrides) -> dict:
@@ -48,6 +52,7 @@ def _error(model, state_dict, flags=None, source="model.pt") -> str:
                 learn_sigma=True,
                 class_cond=True,
                 use_scale_shift_norm=True,
+                resblock_updown=False,
                 num_res_blocks=1,
                 channel_mult="1,2,2,2",
                 attention_downsample_factors=(2, 4),
@@ -62,6 +67,7 @@ def _error(model, state_dict, flags=None, source="model.pt") -> str:
                 learn_sigma=False,
                 class_cond=False,
                 use_scale_shift_norm=False,
+                resblock_updown=False,
                 num_res_blocks=1,
                 channel_mult="1,2,3,4",
                 attention_downsample_factors=(4,),
@@ -77,6 +83,7 @@ def _error(model, state_dict, flags=None, source="model.pt") -> str:
                 learn_sigma=True,
                 class_cond=True,
                 use_scale_shift_norm=True,
+                resblock_updown=False,
                 num_res_blocks=1,
                 channel_mult="1,2",
                 attention_downsample_factors=(2,),
@@ -94,8 +101,11 @@ def test_guess_flags_sees_weightless_downsamples_and_super_resolution():
     )
     guess = guess_flags_from_state_dict(model.state_dict())
     assert guess["num_res_blocks"] == 2 and guess["channel_mult"] == "1,1,2,2,4,4"
-    assert guess["large_size"] == 256 and guess["attention_resolutions"] == "256,64"
-    assert guess["learn_sigma"] is False and "image_size" not in guess
+    # Upsamplers to 256 and to 512 share these multipliers: no size (and no sides) is guessed.
+    assert guess["attention_downsample_factors"] == (1, 4) and "attention_resolutions" not in guess
+    assert guess["learn_sigma"] is False and "image_size" not in guess and "large_size" not in guess
+    model = UNetModel(6, 32, 3, num_res_blocks=1, attention_resolutions=(4,), channel_mult=(1, 2, 3, 4))
+    assert guess_flags_from_state_dict(model.state_dict())["large_size"] == 64
 
 
 def test_matching_checkpoint_loads_strictly_from_float16():
@@ -124,7 +134,7 @@ def test_other_width_names_keys_shapes_and_flags(pass_flags):
         "the checkpoint looks like --num_channels 32 --learn_sigma True --class_cond True "
         f"({label} --num_channels 64 --learn_sigma False --class_cond False)"
     ) in message
-    assert message.endswith(f"{HEADS_NOTE}, keep the training values")
+    assert message.endswith(f"{HEADS_NOTE}, {UNSTORED_END}")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing loaded
 
 
@@ -173,3 +183,21 @@ def test_not_a_state_dict(state_dict, found):
     model = UNetModel(3, 32, 3, 1, (), channel_mult=(1,))
     with pytest.raises(UserError, match=rf"^checkpoint opt\.pt is not a model state_dict \(found {found}\)"):
         load_model_state(model, state_dict, "opt.pt")
+
+
+def test_classifier_checkpoint_of_another_shape_names_the_classifier_flags():
+    from improved_diffusion.unet import EncoderUNetModel
+
+    data = load_pt("guided/classifiers.pt")["models"]
+    kwargs = dict(data["attention"]["kwargs"], model_channels=64, pool="adaptive")
+    with pytest.raises(UserError) as info:
+        load_model_state(EncoderUNetModel(**kwargs), data["attention"]["state_dict"], "clf.pt", flags={})
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("checkpoint clf.pt does not match the model")
+    assert (
+        "the checkpoint looks like --classifier_width 32 --classifier_pool attention "
+        "(you passed --classifier_width 64 --classifier_pool adaptive)"
+    ) in message
+    assert message.endswith("for a released classifier use --preset adm-classifier64 (128, 256, 512)")
+    model = EncoderUNetModel(**data["spatial_v2"]["kwargs"])
+    load_model_state(model, data["spatial_v2"]["state_dict"], "clf.pt")  # a matching one loads strictly
