@@ -319,6 +319,8 @@ class TrainLoop:
             logger.logkv("lg_loss_scale", self.precision.lg_loss_scale)
         self.last_logged = logger.dumpkvs()
         self._reset_log_accumulators()
+        for line in getattr(self.model, "speed_report", list)():  # convolution paths chosen since the last log
+            logger.log(line)
 
     # -----------------------------------------------------------------------------------------
     # checkpoints
