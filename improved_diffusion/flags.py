@@ -105,6 +105,7 @@ MODEL = FlagGroup(
         Flag("num_head_channels", -1, "channels per attention head [ADM]; -1: heads by --num_heads"),
         Flag("resblock_updown", False, "down/upsample inside residual blocks [ADM]"),
         Flag("use_new_attention_order", False, "split q, k, v before the heads [ADM]"),
+        Flag("image_channels", 3, "channels of the images: 1 grey, 3 RGB (2 grey + alpha, 4 RGBA)", new=True),
     ),
 )
 

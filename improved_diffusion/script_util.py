@@ -19,6 +19,7 @@ from . import gaussian_diffusion as gd
 from .errors import UserError
 from .fileio import atomic_save_json
 from .flags import speed_defaults
+from .image_datasets import image_mode
 from .nn import AUTO, SpeedSettings
 from .presets import get_preset, preset_flags
 from .respace import SpacedDiffusion, space_timesteps
@@ -55,6 +56,7 @@ _UNET_FLAGS = (
     "resblock_updown",
     "use_new_attention_order",
     "use_fp16",
+    "image_channels",
 )
 # The noised classifier's fixed settings in guided-diffusion's factory [ADM §4].
 CLASSIFIER_HEAD_CHANNELS = 64
@@ -127,6 +129,7 @@ def create_model_and_diffusion(
     resblock_updown: bool = False,
     use_new_attention_order: bool = False,
     use_fp16: bool = False,
+    image_channels: int = 3,
     speed: Optional[SpeedSettings] = None,
 ) -> Tuple[UNetModel, SpacedDiffusion]:
     """Build the UNet and the (respaced) diffusion from the MODEL / DIFFUSION flags."""
@@ -159,10 +162,11 @@ def create_model(
     resblock_updown: bool = False,
     use_new_attention_order: bool = False,
     use_fp16: bool = False,
+    image_channels: int = 3,
     speed: Optional[SpeedSettings] = None,
 ) -> UNetModel:
     """
-    Build the attention UNet of [IDDPM App. A] from flags (3 input channels, 3 or 6 output).
+    Build the attention UNet of [IDDPM App. A] from flags (``image_channels`` C in, C or 2C out).
 
     :param speed: the network's speed settings (default: the fastest exact-enough path,
         :class:`~improved_diffusion.nn.SpeedSettings`).
@@ -184,10 +188,12 @@ def _build_unet(
     _check_positive(num_heads=v["num_heads"])
     if not 0.0 <= v["dropout"] < 1.0:
         raise UserError(f"--dropout {v['dropout']}: must be in [0, 1)")
+    channels = v["image_channels"]
+    image_mode(channels)  # an unsupported channel count is a UserError naming --image_channels
     return cls(
-        in_channels=3,
+        in_channels=channels,
         model_channels=v["num_channels"],
-        out_channels=(3 if not v["learn_sigma"] else 6),
+        out_channels=channels * (2 if v["learn_sigma"] else 1),
         num_res_blocks=v["num_res_blocks"],
         attention_resolutions=attention_downsample_factors(v["attention_resolutions"], size),
         dropout=v["dropout"],
@@ -235,6 +241,7 @@ def sr_create_model_and_diffusion(
     resblock_updown: bool = False,
     use_new_attention_order: bool = False,
     use_fp16: bool = False,
+    image_channels: int = 3,
     speed: Optional[SpeedSettings] = None,
 ) -> Tuple[SuperResModel, SpacedDiffusion]:
     """Build the super-resolution UNet and its diffusion from the super-resolution flags."""
@@ -261,6 +268,7 @@ def sr_create_model(
     resblock_updown: bool = False,
     use_new_attention_order: bool = False,
     use_fp16: bool = False,
+    image_channels: int = 3,
     speed: Optional[SpeedSettings] = None,
 ) -> SuperResModel:
     """Build the super-resolution UNet (low-resolution input upsampled and concatenated)."""

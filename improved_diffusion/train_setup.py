@@ -135,7 +135,7 @@ def run_training(
 
 def _loader_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     """The data-loader arguments both training scripts take from their TRAIN/MODEL flags."""
-    keys = ("data_dir", "batch_size", "class_cond", "random_flip", "num_workers", "seed")
+    keys = ("data_dir", "batch_size", "class_cond", "random_flip", "num_workers", "seed", "image_channels")
     return {k: getattr(args, k) for k in keys}
 
 

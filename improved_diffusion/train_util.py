@@ -166,6 +166,8 @@ class TrainLoop:
             self.step = self._last_saved_step = step
         self.precision.load_state_dict(state.get("precision", {}))
         self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        if hasattr(self.model, "load_speed_state"):
+            self.model.load_speed_state(state.get("conv_paths", {}))
 
     # -----------------------------------------------------------------------------------------
     # the loop
@@ -328,6 +330,8 @@ class TrainLoop:
     def save(self) -> None:
         """Save a checkpoint of the current step (:func:`.checkpoints.save`; every rank calls)."""
         extra = {"nonfinite_in_a_row": self.nonfinite_in_a_row, "precision": self.precision.state_dict()}
+        # Convolution paths chosen by timing (--winograd auto): a resumed run must compute alike.
+        extra["conv_paths"] = getattr(self.model, "speed_state", dict)()
         checkpoints.save(self.log_dir, self.step, self.training, extra)
         self._last_saved_step = self.step
 

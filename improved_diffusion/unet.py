@@ -22,7 +22,7 @@ and the output is cast back to the input's dtype. ``convert_to_fp16`` / ``conver
 convolution weights (the originals' fp16 mode); prefer autocast.
 """
 
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -201,6 +201,15 @@ class _UNetBase(nn.Module):
         """Use ``speed`` in every layer from now on (kept as ``self.speed``); never changes ``state_dict`` keys."""
         self.speed = speed
         self.conv_chooser = apply_speed(self, speed)
+
+    def speed_state(self) -> Dict[str, Any]:
+        """The convolution paths chosen by timing so far (plain data), for a checkpoint's train state."""
+        return dict(self.conv_chooser.decisions) if self.conv_chooser is not None else {}
+
+    def load_speed_state(self, state: Dict[str, Any]) -> None:
+        """Take the decisions of :meth:`speed_state`, so a resumed run computes as the saved one did."""
+        if self.conv_chooser is not None:
+            self.conv_chooser.decisions.update(state)
 
     def speed_report(self) -> List[str]:
         """Lines on the convolution paths chosen by measurement since the last call (``winograd="auto"``)."""
