@@ -165,7 +165,10 @@ def load_digit_classifier(
 
     path = cache_path or default_cache_path()
     if os.path.exists(path):
-        saved = safe_torch_load(path)
+        try:
+            saved = safe_torch_load(path)
+        except UserError as exc:
+            raise UserError(f"{exc}; delete it to retrain the digit classifier") from exc
         if not isinstance(saved, dict) or saved.get("format") != CACHE_FORMAT:
             raise UserError(f"--digit_classifier {path} is not a {CACHE_FORMAT} file; delete it to retrain")
         model = DigitClassifier()

@@ -6,11 +6,11 @@ here from the golden README's seeded recipe, loaded strictly, and every tap of t
 Also: the weights file is found from the flag or the environment, and wrong files give one line.
 """
 
-import math
 import os
 
 import pytest
 import torch
+from seeded_inception import seeded_state_dict
 
 from improved_diffusion.errors import UserError
 from improved_diffusion.inception import (
@@ -42,30 +42,6 @@ TAPS = {  # golden key suffix -> our tap name
 @pytest.fixture(scope="module")
 def golden():
     return torch.load(FIXTURE, weights_only=True)
-
-
-def seeded_state_dict(key_shapes, seed):
-    """The golden README's recipe: walk the 566 entries in order with one seeded CPU generator."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, shape in key_shapes:
-        if name.endswith("num_batches_tracked"):
-            state[name] = torch.tensor(0)
-        elif name.endswith("running_var"):
-            state[name] = 0.5 + torch.rand(shape, generator=g)
-        elif name.endswith("running_mean"):
-            state[name] = 0.1 * torch.randn(shape, generator=g)
-        elif name.endswith("bn.weight"):
-            state[name] = 1 + 0.1 * torch.randn(shape, generator=g)
-        elif name.endswith("bn.bias") or name == "fc.bias":
-            state[name] = 0.1 * torch.randn(shape, generator=g)
-        elif len(shape) == 4:
-            state[name] = torch.randn(shape, generator=g) * math.sqrt(2 / (shape[1] * shape[2] * shape[3]))
-        elif name == "fc.weight":
-            state[name] = torch.randn(shape, generator=g) * math.sqrt(1 / 2048)
-        else:
-            raise AssertionError(f"no recipe for {name}")
-    return state
 
 
 @pytest.fixture(scope="module")
