@@ -19,7 +19,7 @@ returning ``pool`` (N, D) and ``logits`` (N, C), and optionally ``spatial`` (N, 
 import dataclasses
 import os
 import warnings
-from typing import Any, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ class FeatureSet:
 # --------------------------------------------------------------------------- reading a side
 
 
-def read_side(path: str) -> Any:
+def read_side(path: str) -> Union[ImageSet, FeatureSet]:
     """
     Read ``path`` as images (:class:`ImageSet`) or a statistics file (:class:`FeatureSet`).
 
@@ -128,7 +128,7 @@ def read_image_folder(path: str) -> ImageSet:
     return ImageSet(path, np.stack(images))
 
 
-def check_count(side: Any, what: str) -> None:
+def check_count(side: Union[ImageSet, FeatureSet], what: str) -> None:
     """Raise a UserError unless the side holds at least :data:`MIN_IMAGES` images."""
     count = len(side.images if isinstance(side, ImageSet) else side.pool)
     if count < MIN_IMAGES:
