@@ -26,7 +26,7 @@ ReLU, first 7 channels, (N, 7, 17, 17) — guided-diffusion's ``mixed_6/conv``).
 """
 
 import os
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -159,7 +159,7 @@ class InceptionC(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat(self.branches(x), dim=1)
 
-    def branches(self, x: torch.Tensor) -> list:
+    def branches(self, x: torch.Tensor) -> List[torch.Tensor]:
         """The four branch outputs, each (N, 192, 17, 17); the first is the sFID tap of ``Mixed_6d``."""
         return [
             self.branch1x1(x),

@@ -18,7 +18,7 @@ import math
 import os
 import sys
 import warnings
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -93,11 +93,16 @@ def validate_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.nearest_k >= eval_features.MIN_IMAGES:
         raise UserError(f"--nearest_k must be below {eval_features.MIN_IMAGES}, got {args.nearest_k}")
-    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: no CUDA device here")
+    if args.device:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise UserError(f"--device {args.device!r}: not a device name (cpu, cuda, cuda:1, ...)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {args.device}: no CUDA device here")
 
 
-def build_network(args: argparse.Namespace, device: torch.device) -> tuple:
+def build_network(args: argparse.Namespace, device: torch.device) -> Tuple[torch.nn.Module, Dict[str, Any]]:
     """The feature network (eval mode, on ``device``) and what the JSON records about it."""
     if args.features == "inception":
         from improved_diffusion.inception import inception_weights_path, load_inception
@@ -111,7 +116,10 @@ def build_network(args: argparse.Namespace, device: torch.device) -> tuple:
     return network, {"digit_classifier_held_out_accuracy": accuracy}
 
 
-def features_of(side: Any, network: torch.nn.Module, args: argparse.Namespace, device: torch.device, what: str):
+def features_of(
+    side: Any, network: torch.nn.Module, args: argparse.Namespace, device: torch.device, what: str
+) -> eval_features.FeatureSet:
+    """A statistics file's features as they are; images through the network."""
     if isinstance(side, eval_features.FeatureSet):
         return side
     return eval_features.extract_features(

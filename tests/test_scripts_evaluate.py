@@ -161,6 +161,8 @@ def test_other_bad_inputs(tmp_path, digit_cache):
         image_evaluate.main([ref, ref, "--features", "clip"])
     with pytest.raises(UserError, match=r"--nearest_k must be at least 1, got 0"):
         image_evaluate.main([ref, ref, "--nearest_k", "0"])
+    with pytest.raises(UserError, match=r"--device 'gpu0': not a device name"):
+        image_evaluate.main([ref, ref, "--device", "gpu0"])
 
 
 def test_missing_weights_is_one_line_exit_2(tmp_path):
