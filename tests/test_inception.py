@@ -6,10 +6,9 @@ here from the golden README's seeded recipe, loaded strictly, and every tap of t
 Also: the weights file is found from the flag or the environment, and wrong files give one line.
 """
 
-import os
-
 import pytest
 import torch
+from golden import load_pt
 from seeded_inception import seeded_state_dict
 
 from improved_diffusion.errors import UserError
@@ -24,7 +23,7 @@ from improved_diffusion.inception import (
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "inception_fid_small.pt")
+FIXTURE = "inception_fid_small.pt"
 TAP_TOL = dict(atol=1e-4, rtol=1e-5)  # golden README: every tap; thread count alone moves them by 1e-5
 RESIZE_TOL = dict(atol=1e-3, rtol=0.0)
 CASES = ("x32", "x64", "x299", "smooth48x40")
@@ -41,7 +40,7 @@ TAPS = {  # golden key suffix -> our tap name
 
 @pytest.fixture(scope="module")
 def golden():
-    return torch.load(FIXTURE, weights_only=True)
+    return load_pt(FIXTURE)
 
 
 @pytest.fixture(scope="module")
