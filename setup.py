@@ -15,6 +15,7 @@ setup(
         "mpich==5.0.2",
         "tqdm==4.70.1",
         "pillow==13.0.0",
+        "scipy==1.17.1",
     ],
     extras_require={
         # torchvision does not import beside the CPU torch 2.13 build used here: optional only.
