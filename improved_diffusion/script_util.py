@@ -71,6 +71,7 @@ _DIFFUSION_FLAGS = {
     "rescale_timesteps": "rescale_timesteps",
     "rescale_learned_sigmas": "rescale_learned_sigmas",
     "timestep_respacing": "timestep_respacing",
+    "snr_gamma": "snr_gamma",
 }
 
 
@@ -99,8 +100,8 @@ def _pick(values: Mapping[str, Any], names: Iterable[str]) -> Dict[str, Any]:
 
 
 def _diffusion_from_flags(values: Mapping[str, Any]) -> SpacedDiffusion:
-    """The diffusion of a factory's flags (``sigma_small`` False where the factory has none)."""
-    kwargs = {key: values.get(flag, False) for flag, key in _DIFFUSION_FLAGS.items()}
+    """The diffusion of a factory's flags (those it lacks, e.g. ``sigma_small``, keep their defaults)."""
+    kwargs = {key: values[flag] for flag, key in _DIFFUSION_FLAGS.items() if flag in values}
     return create_gaussian_diffusion(**kwargs)
 
 
@@ -130,6 +131,7 @@ def create_model_and_diffusion(
     use_new_attention_order: bool = False,
     use_fp16: bool = False,
     image_channels: int = 3,
+    snr_gamma: float = 0.0,
     speed: Optional[SpeedSettings] = None,
 ) -> Tuple[UNetModel, SpacedDiffusion]:
     """Build the UNet and the (respaced) diffusion from the MODEL / DIFFUSION flags."""
@@ -242,6 +244,7 @@ def sr_create_model_and_diffusion(
     use_new_attention_order: bool = False,
     use_fp16: bool = False,
     image_channels: int = 3,
+    snr_gamma: float = 0.0,
     speed: Optional[SpeedSettings] = None,
 ) -> Tuple[SuperResModel, SpacedDiffusion]:
     """Build the super-resolution UNet and its diffusion from the super-resolution flags."""
@@ -372,6 +375,7 @@ def create_gaussian_diffusion(
     rescale_timesteps: bool = False,
     rescale_learned_sigmas: bool = False,
     timestep_respacing: str = "",
+    snr_gamma: float = 0.0,
 ) -> SpacedDiffusion:
     """
     Map the diffusion flags to a :class:`SpacedDiffusion` (always the respacing subclass; an
@@ -404,6 +408,7 @@ def create_gaussian_diffusion(
         ),
         loss_type=loss_type,
         rescale_timesteps=rescale_timesteps,
+        snr_gamma=snr_gamma,
     )
 
 

@@ -170,7 +170,7 @@ def train_main(script: str, doc: str, argv: Optional[Sequence[str]] = None) -> N
     keys = list(defaults_fn())
 
     def build() -> Tuple[torch.nn.Module, Any]:
-        return create_fn(**args_to_dict(args, keys), speed=speed_from_args(args))
+        return create_fn(**args_to_dict(args, keys), snr_gamma=args.snr_gamma, speed=speed_from_args(args))
 
     stop_signal = run_training(args, build, lambda: make_data(args))
     if stop_signal:
