@@ -539,3 +539,19 @@ def test_step_progress_shows_time_left_only_when_steps_are_known_on_a_terminal(m
     with train_util.step_progress(total, 3) as bar:
         assert bar.disable is not shown
         assert bar.n == 3 and bar.total == total
+
+
+def test_the_originals_names_stay_importable_from_train_util():
+    """The original's scripts and guided-diffusion's classifier trainer import these from train_util."""
+    from improved_diffusion.train_util import (  # noqa: F401
+        TrainLoop,
+        find_ema_checkpoint,
+        find_resume_checkpoint,
+        get_blob_logdir,
+        log_loss_dict,
+        parse_resume_step_from_filename,
+    )
+
+    assert parse_resume_step_from_filename("logs/model012345.pt") == 12345
+    assert find_resume_checkpoint() is None
+    assert find_ema_checkpoint(None, 3, 0.9999) is None
