@@ -340,17 +340,8 @@ def create_classifier_and_diffusion(
     sigma_small: bool = False,
 ) -> Tuple[EncoderUNetModel, SpacedDiffusion]:
     """Build the noised classifier and the diffusion whose x_t it classifies (guided-diffusion's factory)."""
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        sigma_small=sigma_small,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-    )
+    values = locals()
+    diffusion = _diffusion_from_flags(values)
     classifier = create_classifier(
         image_size,
         classifier_use_fp16,

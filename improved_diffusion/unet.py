@@ -144,6 +144,27 @@ def _check_divisible(channels: int, divisor: int, what: str, flag: str) -> None:
         raise UserError(f"--{flag}: {channels} channels cannot be split into {divisor} {what}")
 
 
+# The constructor arguments of _UNetBase, which both subclasses pass on unchanged.
+_BASE_OPTIONS = (
+    "in_channels",
+    "model_channels",
+    "num_res_blocks",
+    "attention_resolutions",
+    "dropout",
+    "channel_mult",
+    "conv_resample",
+    "dims",
+    "use_checkpoint",
+    "num_heads",
+    "num_head_channels",
+    "num_heads_upsample",
+    "use_scale_shift_norm",
+    "resblock_updown",
+    "use_new_attention_order",
+    "speed",
+)
+
+
 class _UNetBase(nn.Module):
     """
     What :class:`UNetModel` and :class:`EncoderUNetModel` share: the options, the timestep
@@ -386,24 +407,7 @@ class UNetModel(_UNetBase):
         image_size: Optional[int] = None,
         speed: Optional[SpeedSettings] = None,
     ):
-        super().__init__(
-            in_channels,
-            model_channels,
-            num_res_blocks,
-            attention_resolutions,
-            dropout,
-            channel_mult,
-            conv_resample,
-            dims,
-            use_checkpoint,
-            num_heads,
-            num_head_channels,
-            num_heads_upsample,
-            use_scale_shift_norm,
-            resblock_updown,
-            use_new_attention_order,
-            speed,
-        )
+        super().__init__(**{name: value for name, value in locals().items() if name in _BASE_OPTIONS})
         self.image_size = image_size
         self.out_channels = out_channels
         self.num_classes = num_classes
@@ -603,24 +607,7 @@ class EncoderUNetModel(_UNetBase):
             raise UserError(f"--classifier_pool {pool!r}: expected one of {allowed}")
         if pool == "attention" and num_head_channels == -1:
             raise UserError("--classifier_pool 'attention' needs heads of a fixed width: set num_head_channels")
-        super().__init__(
-            in_channels,
-            model_channels,
-            num_res_blocks,
-            attention_resolutions,
-            dropout,
-            channel_mult,
-            conv_resample,
-            dims,
-            use_checkpoint,
-            num_heads,
-            num_head_channels,
-            num_heads_upsample,
-            use_scale_shift_norm,
-            resblock_updown,
-            use_new_attention_order,
-            speed,
-        )
+        super().__init__(**{name: value for name, value in locals().items() if name in _BASE_OPTIONS})
         self.image_size = image_size
         self.out_channels = out_channels
         self.pool = pool
