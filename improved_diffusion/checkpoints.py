@@ -31,7 +31,8 @@ import torch.nn as nn
 from . import dist_util, logger
 from .errors import UserError
 from .fileio import atomic_torch_save, remove_quietly, remove_stale_temporaries, safe_torch_load
-from .unet import CHANNEL_MULTS
+from .presets import PRESETS, matching_presets
+from .unet import CHANNEL_MULTS, SR_CHANNEL_MULTS
 
 AUTO_RESUME = "auto"
 STATE_VERSION = 1
@@ -43,27 +44,58 @@ _FLAG_ORDER = (
     "num_channels",
     "num_res_blocks",
     "learn_sigma",
+    "image_channels",
     "class_cond",
     "use_scale_shift_norm",
+    "resblock_updown",
     "channel_mult",
 )
 _BLOCK_KEY = re.compile(r"^input_blocks\.(\d+)\.(\d+)\.")
+# An upsampling residual block [ADM]: a residual block after the first child of an output block.
+_UP_RESBLOCK_KEY = re.compile(r"^output_blocks\.(\d+)\.[12]\.in_layers\.")
+# What the weights cannot show: these change the outputs, not the shapes.
+UNSTORED_NOTE = (
+    "--num_heads and --num_heads_upsample are not stored in a checkpoint, nor are --num_head_channels, "
+    "--use_new_attention_order and --rescale_timesteps (they change the outputs, not the shapes): keep the "
+    "training values, or for a released checkpoint use --preset NAME (--preset list)"
+)
+CLASSIFIER_NOTE = (
+    "--classifier_depth and --classifier_attention_resolutions must be the training values; for a released "
+    "classifier use --preset adm-classifier64 (128, 256, 512)"
+)
 
 
 def _shape(tensor: torch.Tensor) -> str:
     return str(tuple(tensor.shape))
 
 
+def _updown_input_blocks(state_dict: Mapping[str, torch.Tensor]) -> Optional[set]:
+    """
+    With ``resblock_updown`` [ADM] (upsampling residual blocks in the output half), the
+    indices of the input blocks that are downsampling residual blocks; else None. Level l of
+    n residual blocks ends with output block ``(l + 1) * (n + 1) - 1``, so n = the first one's index.
+    """
+    ups = sorted({int(m.group(1)) for m in map(_UP_RESBLOCK_KEY.match, state_dict) if m})
+    if not ups:
+        return None
+    per_level = ups[0] + 1  # n residual blocks + the downsampling one
+    return {level * per_level + per_level for level in range(len(ups))}
+
+
 def _input_levels(state_dict: Mapping[str, torch.Tensor]) -> List[List[Tuple[int, set]]]:
     """
     The input blocks after the first conv, grouped by resolution level: for each block its
     index and the set of its children's kinds ("res", "attn", "down"). Downsample blocks
-    without weights (no ``conv_resample``) show up as gaps in the numbering.
+    without weights (no ``conv_resample``) show up as gaps in the numbering; downsampling
+    residual blocks (``resblock_updown``) are found from the output half.
     """
-    kinds: Dict[int, set] = {}
+    down_blocks = _updown_input_blocks(state_dict) or set()
+    kinds: Dict[int, set] = {int(index): {"down"} for index in down_blocks}
     for key in state_dict:
         match = _BLOCK_KEY.match(key)
         if not match or match.group(1) == "0":
+            continue
+        if int(match.group(1)) in down_blocks:
             continue
         rest = key[match.end() :]
         kind = "res" if rest.startswith("in_layers") else "attn" if rest.startswith("qkv") else "down"
@@ -82,15 +114,19 @@ def guess_flags_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[
     """
     Guess the MODEL flags a checkpoint was trained with, from the shapes of its tensors.
 
-    Only what shapes reveal: ``num_channels`` (out channels of ``input_blocks.0.0.weight``),
-    ``learn_sigma`` (``out.2.weight`` has 6 rows, not 3), ``class_cond`` (``label_emb.weight``
-    present), ``use_scale_shift_norm`` (``emb_layers.1.weight`` rows = 2 x the block's
-    channels), ``num_res_blocks``, ``channel_mult`` (e.g. ``"1,2,2,2"``) and, where those
-    multipliers belong to exactly one known size, ``image_size`` (``large_size`` for a
-    super-resolution model, whose first conv sees 6 channels) and ``attention_resolutions``
-    (e.g. ``"16,8"``). ``attention_downsample_factors`` (a tuple) is always given. The number of
-    heads (``num_heads``, ``num_heads_upsample``) and ``dropout`` leave no trace in the weights
-    and cannot be guessed. Keys whose tensors are absent are left out.
+    Only what shapes reveal: ``num_channels`` (in-features of ``time_embed.0.weight``, else
+    out channels of ``input_blocks.0.0.weight``), ``image_channels`` and ``learn_sigma`` (the
+    first conv sees C channels, 2C for super-resolution; ``out.2.weight`` has C rows, or 2C
+    with a learned variance), ``class_cond`` (``label_emb.weight`` present), ``use_scale_shift_norm``
+    (``emb_layers.1.weight`` rows = 2 x the block's channels), ``resblock_updown`` (residual
+    blocks in the upsampling positions [ADM]), ``num_res_blocks``, ``channel_mult`` (e.g.
+    ``"1,2,2,2"``, ``"0.5,1,1,2,2,4,4"``) and, where those multipliers belong to exactly one
+    known size, ``image_size`` (``large_size`` for a super-resolution model, whose first conv
+    sees 6 channels) and ``attention_resolutions`` (e.g. ``"16,8"``).
+    ``attention_downsample_factors`` (a tuple) is always given. The heads (``num_heads``,
+    ``num_heads_upsample``, ``num_head_channels``), the attention order
+    (``use_new_attention_order``), ``rescale_timesteps`` and ``dropout`` leave no trace in the
+    weights and cannot be guessed. Keys whose tensors are absent are left out.
 
     :param state_dict: a model state_dict in the original layout.
     :return: dict of flag name -> guessed value.
@@ -100,15 +136,24 @@ def guess_flags_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[
     if first is None or first.dim() < 2:
         return guess
     channels, in_channels = int(first.shape[0]), int(first.shape[1])
+    time_embed = state_dict.get("time_embed.0.weight")
+    if time_embed is not None and time_embed.dim() == 2:
+        channels = int(time_embed.shape[1])  # the first level may be narrower ([ADM]'s 0.5 at 512)
     guess["num_channels"] = channels
     out = state_dict.get("out.2.weight")
-    if out is not None and int(out.shape[0]) in (3, 6):
-        guess["learn_sigma"] = int(out.shape[0]) == 6
+    super_res = in_channels == 6
+    if out is not None:
+        rows = int(out.shape[0])
+        # x has C channels (2C for super-resolution: x and the upsampled low_res); the output C or 2C.
+        super_res = in_channels == 2 * rows or (in_channels == rows == 6)
+        image_channels = in_channels // 2 if super_res else in_channels
+        guess["image_channels"] = image_channels
+        guess["learn_sigma"] = rows == 2 * image_channels
     guess["class_cond"] = "label_emb.weight" in state_dict
-    emb = state_dict.get("middle_block.0.emb_layers.1.weight")
-    mid_out = state_dict.get("middle_block.0.out_layers.3.weight")
-    if emb is not None and mid_out is not None:
-        guess["use_scale_shift_norm"] = int(emb.shape[0]) == 2 * int(mid_out.shape[0])
+    scale_shift = _uses_scale_shift_norm(state_dict)
+    if scale_shift is not None:
+        guess["use_scale_shift_norm"] = scale_shift
+    guess["resblock_updown"] = _updown_input_blocks(state_dict) is not None
     levels = _input_levels(state_dict)
     if not levels:
         return guess
@@ -118,20 +163,70 @@ def guess_flags_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[
         res_out = state_dict.get(f"input_blocks.{level[0][0]}.0.out_layers.3.weight")
         if res_out is None:
             return guess
-        mult.append(int(res_out.shape[0]) // channels)
+        width = int(res_out.shape[0])
+        mult.append(width // channels if width % channels == 0 else width / channels)
     guess["channel_mult"] = ",".join(str(m) for m in mult)
     factors = tuple(2**i for i, level in enumerate(levels) if any("attn" in kinds for _, kinds in level))
     guess["attention_downsample_factors"] = factors
-    size = _size_for_channel_mult(tuple(mult))
+    size = _size_for_channel_mult(tuple(mult), super_res=super_res)
     if size is not None:
-        guess["large_size" if in_channels == 6 else "image_size"] = size
+        guess["large_size" if super_res else "image_size"] = size
         guess["attention_resolutions"] = ",".join(str(size // f) for f in factors)
     return guess
 
 
-def _size_for_channel_mult(mult: Tuple[int, ...]) -> Optional[int]:
+def _uses_scale_shift_norm(state_dict: Mapping[str, torch.Tensor]) -> Optional[bool]:
+    """``emb_layers.1.weight`` rows = 2 x the middle block's channels; None when the keys are absent."""
+    emb = state_dict.get("middle_block.0.emb_layers.1.weight")
+    mid_out = state_dict.get("middle_block.0.out_layers.3.weight")
+    if emb is None or mid_out is None:
+        return None
+    return int(emb.shape[0]) == 2 * int(mid_out.shape[0])
+
+
+def guess_classifier_flags(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
+    """
+    The noised classifier's flags [ADM §4] that its shapes reveal: ``classifier_width``,
+    ``classifier_use_scale_shift_norm`` and ``classifier_pool`` (from the head's keys).
+    Depth, attention resolutions and up/down blocks are not read back here.
+
+    :return: dict of flag name -> guessed value; keys whose tensors are absent are left out.
+    """
+    guess: Dict[str, Any] = {}
+    time_embed = state_dict.get("time_embed.0.weight")
+    if time_embed is not None and time_embed.dim() == 2:
+        guess["classifier_width"] = int(time_embed.shape[1])
+    scale_shift = _uses_scale_shift_norm(state_dict)
+    if scale_shift is not None:
+        guess["classifier_use_scale_shift_norm"] = scale_shift
+    head = {key: tensor.dim() for key, tensor in state_dict.items() if key.startswith("out.")}
+    if "out.2.positional_embedding" in head:
+        guess["classifier_pool"] = "attention"
+    elif head.get("out.1.weight") == 1:
+        guess["classifier_pool"] = "spatial_v2"
+    elif head.get("out.3.weight", 0) >= 3:
+        guess["classifier_pool"] = "adaptive"
+    elif head.get("out.2.weight") == 2:
+        guess["classifier_pool"] = "spatial"
+    return guess
+
+
+def _classifier_hint(
+    checkpoint: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor], flags: Optional[Mapping[str, Any]]
+) -> str:
+    """As :func:`_flag_hint`, for the noised classifier's flags."""
+    ckpt, built = guess_classifier_flags(checkpoint), guess_classifier_flags(model)
+    differ = [name for name in ckpt if name in built and ckpt[name] != built[name]]
+    if not differ:
+        return ""
+    passed = {**built, **(flags or {})}
+    label = "you passed" if flags is not None else "the classifier has"
+    return f"the checkpoint looks like {_format_flags(ckpt, differ)} ({label} {_format_flags(passed, differ)})"
+
+
+def _size_for_channel_mult(mult: Tuple[float, ...], super_res: bool = False) -> Optional[int]:
     """The one known image size whose default multipliers are ``mult``, else None."""
-    sizes = [size for size, m in CHANNEL_MULTS.items() if tuple(m) == mult]
+    sizes = [size for size, m in (SR_CHANNEL_MULTS if super_res else CHANNEL_MULTS).items() if tuple(m) == mult]
     return sizes[0] if len(sizes) == 1 else None
 
 
@@ -210,7 +305,8 @@ def load_model_state(
 
     On any difference in keys or shapes, raise a one-line :class:`UserError` naming ``source``,
     the first mismatched / missing / unexpected keys with their shapes (checkpoint vs model)
-    and the flags that probably differ, as guessed by :func:`guess_flags_from_state_dict`.
+    and the flags that probably differ, as guessed by :func:`guess_flags_from_state_dict`
+    (:func:`guess_classifier_flags` for the noised classifier, a model without ``output_blocks``).
 
     :param model: the model built from the flags.
     :param state_dict: the checkpoint's tensors (the original's key layout).
@@ -227,14 +323,26 @@ def load_model_state(
     message = f"checkpoint {source} does not match the model built from the flags: " + ", ".join(phrases)
     if state_dict and all(k.startswith("module.") for k in state_dict):
         message += "; its keys start with 'module.' (saved from a DistributedDataParallel wrapper, not the model)"
+    if not any(k.startswith("output_blocks.") for k in expected):  # the noised classifier (no upsampling half)
+        hint = _classifier_hint(state_dict, expected, flags)
+        raise UserError(message + (f"; {hint}" if hint else "") + f"; {CLASSIFIER_NOTE}")
     hint = _flag_hint(state_dict, expected, flags)
     if hint:
         message += f"; {hint}"
     first = state_dict.get("input_blocks.0.0.weight")
     if first is not None and first.dim() >= 2 and int(first.shape[1]) == 6 and "large_size" not in (flags or {}):
         message += "; it is a super-resolution model (6 input channels): use the super_res scripts"
-    message += "; --num_heads and --num_heads_upsample are not stored in a checkpoint, keep the training values"
+    message += _preset_hint(state_dict)
+    message += f"; {UNSTORED_NOTE}"
     raise UserError(message)
+
+
+def _preset_hint(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """'; its shapes are those of --preset NAME (file)' when a released checkpoint's architecture fits."""
+    names = matching_presets(guess_flags_from_state_dict(state_dict))
+    if not names:
+        return ""
+    return "; its shapes are those of " + " or ".join(f"--preset {n} ({PRESETS[n].checkpoint})" for n in names)
 
 
 # ---------------------------------------------------------------------------------------------

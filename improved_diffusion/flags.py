@@ -24,7 +24,8 @@ from .nn import SpeedSettings
 
 IMAGE_SCRIPTS = ("image_train", "image_sample", "image_nll")
 SUPER_RES_SCRIPTS = ("super_res_train", "super_res_sample")
-SCRIPTS = IMAGE_SCRIPTS + SUPER_RES_SCRIPTS
+CLASSIFIER_SCRIPTS = ("classifier_train", "classifier_sample")
+SCRIPTS = IMAGE_SCRIPTS + SUPER_RES_SCRIPTS + CLASSIFIER_SCRIPTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +33,8 @@ class Flag:
     """
     One flag: ``--name`` with its default, one line of help and the allowed values of a closed
     choice (empty: any value of the default's type); ``scripts`` lists where it exists (empty:
-    every script that has its group); ``new`` marks flags the original did not have.
+    every script that has its group); ``new`` marks flags the original did not have; ``auto``
+    marks a boolean that also takes ``auto``.
     """
 
     name: str
@@ -41,6 +43,7 @@ class Flag:
     choices: Tuple[Any, ...] = ()
     scripts: Tuple[str, ...] = ()
     new: bool = False
+    auto: bool = False
 
     def applies_to(self, script: str) -> bool:
         """Whether ``script`` (e.g. ``"image_train"``) has this flag."""
@@ -49,6 +52,8 @@ class Flag:
     def help_line(self) -> str:
         """The ``--help`` text: meaning, allowed values, default."""
         text = self.help
+        if self.auto:
+            text += " (True, False or auto)"
         if self.choices:
             text += " (one of: " + ", ".join(str(c) for c in self.choices) + ")"
         return text + f" [default: {_shown(self.default)}]"
@@ -75,9 +80,14 @@ def _shown(value: Any) -> str:
 MODEL = FlagGroup(
     "MODEL",
     "the network; defaults as in the original",
-    SCRIPTS,
+    IMAGE_SCRIPTS + SUPER_RES_SCRIPTS + ("classifier_sample",),
     (
-        Flag("image_size", 64, "side of the (square) training images in pixels", scripts=IMAGE_SCRIPTS),
+        Flag(
+            "image_size",
+            64,
+            "side of the (square) training images in pixels",
+            scripts=IMAGE_SCRIPTS + ("classifier_sample",),
+        ),
         Flag("large_size", 256, "side of the high-resolution images", scripts=SUPER_RES_SCRIPTS),
         Flag(
             "small_size", 64, "side of the low-resolution images the model is conditioned on", scripts=SUPER_RES_SCRIPTS
@@ -88,13 +98,14 @@ MODEL = FlagGroup(
         Flag("num_heads_upsample", -1, "attention heads in the upsampling half; -1: --num_heads"),
         Flag("attention_resolutions", "16,8", "feature-map sides that get self-attention, comma-separated"),
         Flag("dropout", 0.0, "dropout probability in the residual blocks, in [0, 1)"),
-        Flag("learn_sigma", False, "learn the variance by range interpolation [IDDPM Eq. 15]: 6 output channels"),
         Flag("class_cond", False, "class-conditional (labels from file names {class}_{name}.png)"),
         Flag("use_checkpoint", False, "gradient checkpointing: less memory, activations recomputed in backward"),
         Flag("use_scale_shift_norm", True, "FiLM time conditioning norm(h) * (1 + scale) + shift"),
-        Flag(
-            "channel_mult", "", 'channel multiplier per level, e.g. 1,2,2; "": the table for the image size', new=True
-        ),
+        Flag("channel_mult", "", 'channel multiplier per level, e.g. 1,2,2 or 0.5,1,2; "": the table for the size'),
+        Flag("num_head_channels", -1, "channels per attention head [ADM]; -1: heads by --num_heads"),
+        Flag("resblock_updown", False, "down/upsample inside residual blocks [ADM]"),
+        Flag("use_new_attention_order", False, "split q, k, v before the heads [ADM]"),
+        Flag("image_channels", 3, "channels of the images: 1 grey, 3 RGB (2 grey + alpha, 4 RGBA)", new=True),
     ),
 )
 
@@ -103,11 +114,12 @@ DIFFUSION = FlagGroup(
     "the diffusion process and its loss; defaults as in the original",
     SCRIPTS,
     (
+        Flag("learn_sigma", False, "learn the variance by range interpolation [IDDPM Eq. 15]: 6 output channels"),
         Flag(
             "sigma_small",
             False,
             "with a fixed variance: the posterior beta-tilde instead of beta",
-            scripts=IMAGE_SCRIPTS,
+            scripts=IMAGE_SCRIPTS + CLASSIFIER_SCRIPTS,
         ),
         Flag("diffusion_steps", 1000, "number of diffusion steps T"),
         Flag("noise_schedule", "linear", "beta schedule [IDDPM §3.2]", choices=("linear", "cosine")),
@@ -134,6 +146,9 @@ TRAIN = FlagGroup(
             choices=("uniform", "loss-second-moment"),
         ),
         Flag("lr", 1e-4, "AdamW learning rate"),
+        Flag(
+            "snr_gamma", 0.0, "min-SNR-gamma weighting of the simple loss [Hang et al. 2023], e.g. 5; 0: off", new=True
+        ),
         Flag("weight_decay", 0.0, "AdamW weight decay"),
         Flag("lr_anneal_steps", 0, "anneal the learning rate linearly to 0 over this many steps, then stop; 0: never"),
         Flag("batch_size", 1, "images per step and process"),
@@ -147,7 +162,7 @@ TRAIN = FlagGroup(
         Flag("use_fp16", False, "float16 autocast with loss scaling (on CUDA; bfloat16 on a CPU)"),
         Flag("fp16_scale_growth", 1e-3, "log2 growth of the fp16 loss scale per good step"),
         Flag("log_dir", "", "log and checkpoint folder; default $OPENAI_LOGDIR, else ./logs/<time>", new=True),
-        Flag("use_bf16", False, "bfloat16 autocast (no loss scaling)", new=True),
+        Flag("use_bf16", False, "bfloat16 autocast (no loss scaling); auto: if native", new=True, auto=True),
         Flag("max_steps", 0, "stop after this many steps in total; 0: no limit", new=True),
         Flag("random_flip", False, "flip images left-right at random", new=True),
         Flag("seed", 0, "seed of weights, timesteps, noise and data order", new=True),
@@ -172,7 +187,7 @@ SAMPLE = FlagGroup(
         Flag("seed", 0, "seed of each sample's noise and label", new=True),
         Flag("eta", 0.0, "DDIM noise (0: deterministic)", new=True),
         Flag("num_grid", 64, "samples in the PNG grid (0: none); --grid_size is another name", new=True),
-        Flag("use_bf16", False, "run the network under bfloat16 autocast", new=True),
+        Flag("use_bf16", False, "bfloat16 autocast; auto: where the CPU/GPU runs it natively", new=True, auto=True),
         Flag(
             "class_labels",
             "",
@@ -190,6 +205,22 @@ SAMPLE = FlagGroup(
     ),
 )
 
+CLASSIFIER = FlagGroup(
+    "CLASSIFIER",
+    "the noised image classifier [ADM §4]; guided-diffusion's names and defaults",
+    CLASSIFIER_SCRIPTS,
+    (
+        Flag("image_size", 64, "side of the images it classifies", scripts=("classifier_train",)),
+        Flag("classifier_use_fp16", False, "convert its torso to float16 (prefer autocast)"),
+        Flag("classifier_width", 128, "base channel count"),
+        Flag("classifier_depth", 2, "residual blocks per resolution level"),
+        Flag("classifier_attention_resolutions", "32,16,8", "feature-map sides that get self-attention"),
+        Flag("classifier_use_scale_shift_norm", True, "FiLM time conditioning"),
+        Flag("classifier_resblock_updown", True, "down/upsample inside residual blocks"),
+        Flag("classifier_pool", "attention", "the head", choices=("adaptive", "attention", "spatial", "spatial_v2")),
+    ),
+)
+
 NLL = FlagGroup(
     "NLL",
     "likelihood evaluation",
@@ -203,22 +234,29 @@ NLL = FlagGroup(
         Flag("log_dir", "", "output folder; default $OPENAI_LOGDIR, else ./logs/<time>", new=True),
         Flag("seed", 0, "seed of the q_sample noise", new=True),
         Flag("timestep_batch", 1, "timesteps evaluated per network call (same numbers, faster on GPUs)", new=True),
-        Flag("use_bf16", False, "run the network under bfloat16 autocast", new=True),
+        Flag("use_bf16", False, "bfloat16 autocast; auto: where the CPU/GPU runs it natively", new=True, auto=True),
     ),
 )
 
 _SPEED_HELP = {
     "sdpa": "attention through F.scaled_dot_product_attention (False: the plain formula)",
-    "winograd": "float32 3x3 convolutions on CPUs by Winograd F(4x4, 3x3) (False: direct convolution)",
+    "winograd": (
+        "float32 3x3 convolutions on CPUs by Winograd F(4x4, 3x3): auto = timed per layer shape on first use, "
+        "True = by a fixed size rule, False = direct convolution"
+    ),
+    "winograd_cache": 'with --winograd auto: a JSON file keeping the timings for later runs ("": none)',
 }
 SPEED = FlagGroup(
     "SPEED",
-    "the network's speed settings: same results within float32 tolerance; all False = the original's computation",
+    "the network's speed settings: same results within float32 tolerance; sdpa and winograd False = the original's",
     SCRIPTS,
-    tuple(Flag(k, v, _SPEED_HELP[k], new=True) for k, v in dataclasses.asdict(SpeedSettings()).items()),
+    tuple(
+        Flag(k, v, _SPEED_HELP[k], new=True, auto=k == "winograd")
+        for k, v in dataclasses.asdict(SpeedSettings()).items()
+    ),
 )
 
-GROUPS = (MODEL, DIFFUSION, TRAIN, SAMPLE, NLL, SPEED)
+GROUPS = (MODEL, DIFFUSION, CLASSIFIER, TRAIN, SAMPLE, NLL, SPEED)
 
 
 def flags_for(script: str, groups: Iterable[FlagGroup] = GROUPS) -> List[Tuple[FlagGroup, List[Flag]]]:
@@ -259,6 +297,8 @@ def reference_markdown() -> str:
         lines.append("|---|---|---|")
         for flag in group.flags:
             meaning = flag.help.replace("|", "\\|")
+            if flag.auto:
+                meaning += " (`True`, `False` or `auto`)"
             if flag.choices:
                 meaning += " (one of: " + ", ".join(f"`{c}`" for c in flag.choices) + ")"
             if flag.scripts:

@@ -23,9 +23,11 @@ Paper equation -> function (equation numbers as printed in the papers):
 - [IDDPM Eq. 6] prior term L_T: ``_prior_bpd``
 - [IDDPM Eq. 3] the whole bound in bits/dim: ``calc_bpd_loop``
 - [IDDPM Eq. 17] and §3.2 (beta clipped at 0.999) cosine schedule: ``get_named_beta_schedule``,
-  ``betas_for_alpha_bar``
+  ``betas_for_alpha_bar`` (in :mod:`.schedules`, re-exported here)
 - [DDIM Eq. 12] step with sigma_t(eta) of [DDIM Eq. 16]: ``ddim_sample``, ``ddim_sample_loop(_progressive)``
 - [DDIM §4.3] (reversing the ODE of [DDIM Eq. 14]) DDIM encoding: ``ddim_reverse_sample``
+- [ADM Alg. 1] classifier guidance of the ancestral mean: ``condition_mean`` (``p_sample(cond_fn=)``)
+- [ADM Alg. 2] classifier guidance of the score (eps): ``condition_score`` (``ddim_sample(cond_fn=)``)
 
 Strided (respaced) sampling, [IDDPM §4], lives in :mod:`.respace`; importance sampling of t
 ([IDDPM Eq. 18]) in :mod:`.resample`.
@@ -33,7 +35,6 @@ Strided (respaced) sampling, [IDDPM §4], lives in :mod:`.respace`; importance s
 
 import enum
 import functools
-import math
 import weakref
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -44,80 +45,15 @@ from tqdm.auto import tqdm
 from .errors import UserError
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .nn import mean_flat
-
-NOISE_SCHEDULES = ("linear", "cosine")
+from .schedules import NOISE_SCHEDULES as NOISE_SCHEDULES  # re-exported: the schedules were defined here
+from .schedules import betas_for_alpha_bar as betas_for_alpha_bar
+from .schedules import check_linear_steps as check_linear_steps
+from .schedules import get_named_beta_schedule as get_named_beta_schedule
+from .schedules import min_snr_weights
 
 Model = Callable[..., torch.Tensor]
-
-
-# ---------------------------------------------------------------------------------------------
-# Noise schedules
-
-
-LINEAR_MIN_STEPS = 20  # fewer: betas above 1; exactly this many: the last beta is 1
-
-
-def check_linear_steps(steps: int) -> None:
-    """A UserError naming ``--diffusion_steps`` unless the linear schedule has more than 20 steps."""
-    if steps <= LINEAR_MIN_STEPS:
-        raise UserError(
-            f"--diffusion_steps {steps}: the linear noise schedule needs more than {LINEAR_MIN_STEPS} steps (with "
-            "fewer its betas exceed 1, at exactly 20 the last is 1); use more steps or --noise_schedule cosine"
-        )
-
-
-def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) -> np.ndarray:
-    """
-    The beta schedule called ``schedule_name`` with ``num_diffusion_timesteps`` steps.
-
-    - ``"linear"``: [DDPM §4]'s linear betas from 1e-4 to 0.02 at T=1000, both ends scaled by
-      1000/T so that any T gives a similar process. T < 20 makes betas exceed 1 (an error); at
-      T = 20, as in the original, the last beta is exactly 1, which :class:`GaussianDiffusion`
-      refuses (:func:`check_linear_steps` is the flag-level check: more than 20 steps).
-    - ``"cosine"``: [IDDPM Eq. 17] with s = 0.008, betas clipped at 0.999 ([IDDPM §3.2]).
-
-    :return: (T,) float64 betas.
-    """
-    steps = _check_num_steps(num_diffusion_timesteps)
-    if schedule_name == "linear":
-        if steps < LINEAR_MIN_STEPS:
-            check_linear_steps(steps)
-        scale = 1000 / steps
-        return np.linspace(scale * 0.0001, scale * 0.02, steps, dtype=np.float64)
-    if schedule_name == "cosine":
-        return betas_for_alpha_bar(steps, lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2)
-    allowed = ", ".join(repr(name) for name in NOISE_SCHEDULES)
-    raise UserError(f"unknown noise schedule {schedule_name!r} (--noise_schedule): expected one of {allowed}")
-
-
-def betas_for_alpha_bar(
-    num_diffusion_timesteps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999
-) -> np.ndarray:
-    """
-    Discretize a continuous cumulative product of alphas into betas,
-    ``beta_i = min(1 - alpha_bar((i+1)/T) / alpha_bar(i/T), max_beta)`` ([IDDPM §3.2]).
-
-    :param alpha_bar: maps u in [0, 1] to the fraction of signal kept up to time u.
-    :param max_beta: the clip that keeps the last steps from being singular.
-    :return: (T,) float64 betas.
-    """
-    steps = _check_num_steps(num_diffusion_timesteps)
-    betas = [min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), max_beta) for i in range(steps)]
-    return np.array(betas, dtype=np.float64)
-
-
-def _check_num_steps(num_diffusion_timesteps: int) -> int:
-    try:
-        is_int = (
-            not isinstance(num_diffusion_timesteps, bool) and int(num_diffusion_timesteps) == num_diffusion_timesteps
-        )
-    except (TypeError, ValueError):
-        is_int = False
-    if not is_int:
-        raise UserError(f"--diffusion_steps {num_diffusion_timesteps!r}: expected a positive integer")
-    if num_diffusion_timesteps <= 0:
-        raise UserError(f"--diffusion_steps {num_diffusion_timesteps}: must be a positive integer")
-    return int(num_diffusion_timesteps)
+# cond_fn(x_t, t, **model_kwargs) -> the gradient s * grad_x log p(y | x_t), shaped like x_t [ADM §4].
+CondFn = Callable[..., torch.Tensor]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,6 +150,7 @@ class GaussianDiffusion:
         model_var_type: ModelVarType,
         loss_type: LossType,
         rescale_timesteps: bool = False,
+        snr_gamma: float = 0.0,
     ) -> None:
         self.model_mean_type = model_mean_type
         self.model_var_type = model_var_type
@@ -236,6 +173,9 @@ class GaussianDiffusion:
         self.alphas_cumprod = np.cumprod(alphas, axis=0)
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
         self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
+        # Min-SNR-gamma weights of the simple loss (None: unweighted, the original's loss).
+        predicts = {ModelMeanType.EPSILON: "epsilon", ModelMeanType.START_X: "x_start"}.get(model_mean_type, "x_prev")
+        self.mse_weights = min_snr_weights(self.alphas_cumprod, snr_gamma, predicts) if snr_gamma else None
 
         # q(x_t | x_0) [IDDPM Eq. 9] and its inversion for x_0.
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
@@ -323,11 +263,17 @@ class GaussianDiffusion:
             return t.float() * (1000.0 / self.num_timesteps)
         return t
 
+    def _call_model(
+        self, fn: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, model_kwargs: Optional[Dict[str, Any]]
+    ) -> torch.Tensor:
+        """``fn(x, timesteps the model sees, **model_kwargs)``: the model, or a ``cond_fn``, which sees the same t."""
+        return fn(x, self._scale_timesteps(t), **(model_kwargs or {}))
+
     def _model_output(
         self, model: Model, x: torch.Tensor, t: torch.Tensor, model_kwargs: Optional[Dict[str, Any]]
     ) -> torch.Tensor:
         """Run the model and return its output in float32 (the precision boundary)."""
-        return model(x, self._scale_timesteps(t), **(model_kwargs or {})).float()
+        return self._call_model(model, x, t, model_kwargs).float()
 
     def p_mean_variance(
         self,
@@ -449,6 +395,61 @@ class GaussianDiffusion:
             _extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart
         ) / _extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape)
 
+    # -- classifier guidance [ADM §4] ------------------------------------------------------------
+
+    def _cond_gradient(
+        self, cond_fn: CondFn, x: torch.Tensor, t: torch.Tensor, model_kwargs: Optional[Dict[str, Any]]
+    ) -> torch.Tensor:
+        """``cond_fn`` at (x_t, t) in float32, with gradients enabled (sampling loops run under no_grad)."""
+        with torch.enable_grad():
+            return self._call_model(cond_fn, x, t, model_kwargs).float()
+
+    def condition_mean(
+        self,
+        cond_fn: CondFn,
+        p_mean_var: Dict[str, torch.Tensor],
+        x: torch.Tensor,
+        t: torch.Tensor,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+    ) -> torch.Tensor:
+        """
+        The guided mean of an ancestral step, ``mean + variance * cond_fn(x_t, t)`` [ADM Alg. 1].
+
+        :param cond_fn: called as ``cond_fn(x_t, t_model, **model_kwargs)`` with the timesteps
+            the model sees (the original indices under respacing); returns s * grad log p(y|x_t).
+        :param p_mean_var: the output of :meth:`p_mean_variance` at (x_t, t).
+        :param x: (N, C, ...) x_t.
+        :param t: (N,) int64 timesteps.
+        :return: (N, C, ...) float32 mean.
+        """
+        gradient = self._cond_gradient(cond_fn, x, t, model_kwargs)
+        return p_mean_var["mean"].float() + p_mean_var["variance"] * gradient
+
+    def condition_score(
+        self,
+        cond_fn: CondFn,
+        p_mean_var: Dict[str, torch.Tensor],
+        x: torch.Tensor,
+        t: torch.Tensor,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Guidance of the score [ADM Alg. 2]: ``eps' = eps - sqrt(1 - abar_t) * cond_fn(x_t, t)``,
+        then pred_xstart [IDDPM Eq. 9] and the posterior mean [IDDPM Eq. 11] from eps' (no clipping).
+
+        Arguments as in :meth:`condition_mean`.
+
+        :return: a copy of ``p_mean_var`` with ``pred_xstart`` and ``mean`` replaced.
+        """
+        eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
+        eps = eps - _extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x.shape) * self._cond_gradient(
+            cond_fn, x, t, model_kwargs
+        )
+        out = dict(p_mean_var)
+        out["pred_xstart"] = self._predict_xstart_from_eps(x, t, eps)
+        out["mean"], _, _ = self.q_posterior_mean_variance(x_start=out["pred_xstart"], x_t=x, t=t)
+        return out
+
     # -- sampling -----------------------------------------------------------------------------
 
     def p_sample(
@@ -459,6 +460,8 @@ class GaussianDiffusion:
         clip_denoised: bool = True,
         denoised_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
         model_kwargs: Optional[Dict[str, Any]] = None,
+        *,
+        cond_fn: Optional[CondFn] = None,
     ) -> Dict[str, torch.Tensor]:
         """
         One ancestral sampling step, x_{t-1} ~ p(x_{t-1} | x_t) ([DDPM Alg. 2]).
@@ -466,10 +469,14 @@ class GaussianDiffusion:
         Draws one ``randn_like(x)`` even at t = 0, where no noise is added.
 
         :param x: (N, C, ...) x_t. Other parameters as in :meth:`p_mean_variance`.
+        :param cond_fn: classifier guidance of the mean, :meth:`condition_mean` [ADM Alg. 1];
+            keyword-only (guided-diffusion has it before ``model_kwargs``).
         :return: dict with ``sample`` (x_{t-1}) and ``pred_xstart``, each (N, C, ...).
         """
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         noise = torch.randn_like(x)
+        if cond_fn is not None:
+            out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs)
         sample = out["mean"] + _nonzero_mask(t, x) * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
@@ -482,6 +489,8 @@ class GaussianDiffusion:
         denoised_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
         model_kwargs: Optional[Dict[str, Any]] = None,
         eta: float = 0.0,
+        *,
+        cond_fn: Optional[CondFn] = None,
     ) -> Dict[str, torch.Tensor]:
         """
         One DDIM step from x_t to x_{t-1} ([DDIM Eq. 12] with sigma_t(eta) of [DDIM Eq. 16]).
@@ -490,9 +499,12 @@ class GaussianDiffusion:
         when eta = 0 (deterministic).
 
         :param eta: 0 = deterministic DDIM, 1 = the ancestral (DDPM) variance.
+        :param cond_fn: classifier guidance of the score, :meth:`condition_score` [ADM Alg. 2].
         :return: dict with ``sample`` (x_{t-1}) and ``pred_xstart``, each (N, C, ...).
         """
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+        if cond_fn is not None:
+            out = self.condition_score(cond_fn, out, x, t, model_kwargs)
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
         alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
         alpha_bar_prev = _extract_into_tensor(self.alphas_cumprod_prev, t, x.shape)
@@ -537,6 +549,8 @@ class GaussianDiffusion:
         model_kwargs: Optional[Dict[str, Any]] = None,
         device: Optional[torch.device] = None,
         progress: bool = False,
+        *,
+        cond_fn: Optional[CondFn] = None,
     ) -> torch.Tensor:
         """
         Generate samples by ancestral sampling from t = T-1 down to 0.
@@ -545,11 +559,12 @@ class GaussianDiffusion:
         :param noise: the start x_T; drawn with ``torch.randn`` when None.
         :param device: where to sample; defaults to the model's parameters' device.
         :param progress: show a tqdm progress bar.
+        :param cond_fn: classifier guidance [ADM Alg. 1], see :meth:`condition_mean`.
         :return: (N, C, ...) the final samples.
         """
         return _last_sample(
             self.p_sample_loop_progressive(
-                model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress
+                model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, cond_fn=cond_fn
             )
         )
 
@@ -563,6 +578,8 @@ class GaussianDiffusion:
         model_kwargs: Optional[Dict[str, Any]] = None,
         device: Optional[torch.device] = None,
         progress: bool = False,
+        *,
+        cond_fn: Optional[CondFn] = None,
     ) -> Iterator[Dict[str, torch.Tensor]]:
         """
         Ancestral sampling, yielding the output of :meth:`p_sample` after every step.
@@ -570,7 +587,7 @@ class GaussianDiffusion:
         Arguments as in :meth:`p_sample_loop`.
         """
         return self._sample_loop_progressive(
-            self.p_sample, model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress
+            self.p_sample, model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, cond_fn
         )
 
     def ddim_sample_loop(
@@ -584,17 +601,20 @@ class GaussianDiffusion:
         device: Optional[torch.device] = None,
         progress: bool = False,
         eta: float = 0.0,
+        *,
+        cond_fn: Optional[CondFn] = None,
     ) -> torch.Tensor:
         """
         Generate samples with DDIM steps ([DDIM Eq. 12]) from t = T-1 down to 0.
 
-        Arguments as in :meth:`p_sample_loop`; ``eta`` as in :meth:`ddim_sample`.
+        Arguments as in :meth:`p_sample_loop`; ``eta`` as in :meth:`ddim_sample`; ``cond_fn``
+        guides the score [ADM Alg. 2], see :meth:`condition_score`.
 
         :return: (N, C, ...) the final samples.
         """
         return _last_sample(
             self.ddim_sample_loop_progressive(
-                model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, eta
+                model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, eta, cond_fn=cond_fn
             )
         )
 
@@ -609,6 +629,8 @@ class GaussianDiffusion:
         device: Optional[torch.device] = None,
         progress: bool = False,
         eta: float = 0.0,
+        *,
+        cond_fn: Optional[CondFn] = None,
     ) -> Iterator[Dict[str, torch.Tensor]]:
         """
         DDIM sampling, yielding the output of :meth:`ddim_sample` after every step.
@@ -617,7 +639,7 @@ class GaussianDiffusion:
         """
         step = functools.partial(self.ddim_sample, eta=eta)
         return self._sample_loop_progressive(
-            step, model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress
+            step, model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, cond_fn
         )
 
     def _sample_loop_progressive(
@@ -631,6 +653,7 @@ class GaussianDiffusion:
         model_kwargs: Optional[Dict[str, Any]],
         device: Optional[torch.device],
         progress: bool,
+        cond_fn: Optional[CondFn] = None,
     ) -> Iterator[Dict[str, torch.Tensor]]:
         """The loop driver shared by ancestral and DDIM sampling; ``step`` is the only difference."""
         if device is None:
@@ -644,7 +667,13 @@ class GaussianDiffusion:
             t = torch.full((shape[0],), i, dtype=torch.long, device=device)
             with torch.no_grad():
                 out = step(
-                    model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
+                    model,
+                    img,
+                    t,
+                    clip_denoised=clip_denoised,
+                    denoised_fn=denoised_fn,
+                    model_kwargs=model_kwargs,
+                    cond_fn=cond_fn,
                 )
             yield out
             img = out["sample"]
@@ -709,7 +738,10 @@ class GaussianDiffusion:
             target = noise
         assert model_output.shape == target.shape == x_start.shape
         terms["mse"] = mean_flat((target - model_output) ** 2)
-        terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
+        mse = terms["mse"]
+        if self.mse_weights is not None:  # min-SNR-gamma [Hang et al. 2023, Eq. 5]; "mse" stays the plain one
+            mse = _extract_into_tensor(self.mse_weights, t, mse.shape) * mse
+        terms["loss"] = mse + terms["vb"] if "vb" in terms else mse
         return terms
 
     # -- variational bound --------------------------------------------------------------------

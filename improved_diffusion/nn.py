@@ -10,7 +10,7 @@ Mixed precision: every layer here works under ``torch.autocast`` (float16 or bfl
 
 import dataclasses
 import math
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -18,6 +18,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from . import winograd
+from .errors import UserError
+
+AUTO = "auto"
 
 # ---------------------------------------------------------------------------------------------
 # Speed settings: knobs that change speed but not results (within float32 tolerance). They are
@@ -35,27 +38,63 @@ class SpeedSettings:
         float32 softmax. Both give the same numbers within float32 tolerance.
     :param winograd: float32 3x3 convolutions on CPUs through Winograd F(4x4, 3x3)
         (:mod:`improved_diffusion.winograd`: 4x fewer multiplications, channels-last output)
-        instead of the direct convolution; differs from it by ~1e-5 relative. Never used on
-        GPUs, under autocast or inside ``torch.compile``, so the default (both on) is the
-        fastest exact-enough path on every device.
+        instead of the direct convolution; differs from it by ~1e-5 relative. ``"auto"`` (the
+        default) times both paths for each layer shape on first use and keeps the faster
+        (:class:`~improved_diffusion.winograd.PathChooser`); True takes Winograd wherever the
+        fixed size rule says it pays (:func:`~improved_diffusion.winograd.worthwhile`); False
+        never. Never used on GPUs, under autocast or inside ``torch.compile``, so the default
+        is the fastest exact-enough path on every device.
+    :param winograd_cache: with ``winograd="auto"``, a JSON file that keeps the measured
+        decisions for later runs ("" = this process only).
     """
 
     sdpa: bool = True
-    winograd: bool = True
+    winograd: Union[bool, str] = AUTO
+    winograd_cache: str = ""
+
+    def __post_init__(self) -> None:
+        if self.winograd not in (True, False, AUTO):
+            raise UserError(f"--winograd {self.winograd!r}: expected True, False or {AUTO}")
 
     def summary(self) -> str:
-        """One line for the log, e.g. ``speed settings: sdpa=True, winograd=True``."""
-        return "speed settings: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items())
+        """One line for the log, e.g. ``speed settings: sdpa=True, winograd=auto``."""
+        items = {k: v for k, v in dataclasses.asdict(self).items() if v != "" or k != "winograd_cache"}
+        return "speed settings: " + ", ".join(f"{k}={v}" for k, v in items.items())
 
 
 PLAIN_SPEED = SpeedSettings(sdpa=False, winograd=False)  # the original's computation
 
 
-def apply_speed(module: nn.Module, speed: SpeedSettings) -> None:
-    """Give every speed-aware layer inside ``module`` (those with ``set_speed``) the settings ``speed``."""
+def apply_speed(module: nn.Module, speed: SpeedSettings) -> Optional[winograd.PathChooser]:
+    """
+    Give every speed-aware layer inside ``module`` (those with ``set_speed``) the settings
+    ``speed``; with ``winograd="auto"`` they share one new :class:`~improved_diffusion.winograd.PathChooser`.
+
+    :return: that chooser, or None.
+    """
+    chooser = winograd.PathChooser(speed.winograd_cache) if speed.winograd == AUTO else None
     for child in module.modules():
         if child is not module and hasattr(child, "set_speed"):
-            child.set_speed(speed)
+            child.set_speed(speed, chooser)
+    return chooser
+
+
+def prefers_channels_last(
+    speed: SpeedSettings, chooser: Optional[winograd.PathChooser], x: torch.Tensor, channels: int
+) -> bool:
+    """
+    Whether a network whose first level has ``channels`` channels should take ``x`` in
+    channels-last layout: its first-level convolutions take the Winograd path, which returns
+    channels-last tensors, so every layer then sees one layout (mixed layouts cost a
+    conversion at each residual addition). With ``"auto"``, the chooser decides for that
+    layer shape in channels-last layout.
+    """
+    if speed.winograd is False or not winograd.fast_input(x):
+        return False
+    if speed.winograd is True:
+        return winograd.worthwhile(channels, channels, *x.shape[-2:])
+    probe = x.new_empty((x.shape[0], channels, *x.shape[-2:])).contiguous(memory_format=torch.channels_last)
+    return chooser.use_winograd(channels, channels, probe, training=torch.is_grad_enabled())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,18 +127,27 @@ class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters and state_dict keys) that takes the Winograd path when its
     ``use_winograd`` setting is on and :func:`improved_diffusion.winograd.applicable` says it can."""
 
-    def __init__(self, *args: Any, use_winograd: bool = True, **kwargs: Any):
+    def __init__(self, *args: Any, use_winograd: Union[bool, str] = AUTO, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.use_winograd = use_winograd
+        self.chooser: Optional[winograd.PathChooser] = None
 
-    def set_speed(self, speed: SpeedSettings) -> None:
-        """Take the ``winograd`` setting of ``speed``."""
-        self.use_winograd = speed.winograd
+    def set_speed(self, speed: SpeedSettings, chooser: Optional[winograd.PathChooser] = None) -> None:
+        """Take the ``winograd`` setting of ``speed`` (and, for ``"auto"``, the model's chooser)."""
+        self.use_winograd, self.chooser = speed.winograd, chooser
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_winograd and winograd.applicable(self, x):
+        if self._winograd_for(x):
             return winograd.conv3x3(x, self.weight, self.bias)
         return super().forward(x)
+
+    def _winograd_for(self, x: torch.Tensor) -> bool:
+        if self.use_winograd is False or not winograd.eligible(self, x):
+            return False
+        if self.use_winograd is True or self.chooser is None:
+            return winograd.worthwhile(self.in_channels, self.out_channels, *x.shape[-2:])
+        training = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        return self.chooser.use_winograd(self.in_channels, self.out_channels, x, training)
 
 
 class Dropout(nn.Dropout):

@@ -16,11 +16,13 @@ slow or unsupported for many ops, and bfloat16 is what CPUs accelerate.
 import contextlib
 import math
 import os
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, Optional, Union
 
 import torch
 
 from .errors import UserError
+
+AUTO = "auto"  # a flag value: decide from the device
 
 INITIAL_LG_LOSS_SCALE = 20.0
 
@@ -32,7 +34,8 @@ class MixedPrecision:
 
     :param device: the training device.
     :param use_fp16: float16 autocast with dynamic loss scaling (bfloat16 on a CPU).
-    :param use_bf16: bfloat16 autocast, no loss scaling.
+    :param use_bf16: bfloat16 autocast, no loss scaling; ``"auto"``: only where the device runs
+        bfloat16 natively (:func:`native_bf16`), else float32.
     :param fp16_scale_growth: log2 growth of the loss scale per good step (original's flag).
     :param log: called with a warning line (e.g. ``logger.log``) when fp16 falls back to bf16.
     """
@@ -41,12 +44,16 @@ class MixedPrecision:
         self,
         device: torch.device,
         use_fp16: bool = False,
-        use_bf16: bool = False,
+        use_bf16: Union[bool, str] = False,
         fp16_scale_growth: float = 1e-3,
         log: Optional[Any] = None,
     ):
         check_precision_flags(use_fp16, use_bf16, fp16_scale_growth)
         self.device = torch.device(device)
+        if use_bf16 == AUTO:
+            use_bf16 = native_bf16(self.device)
+            if log is not None:
+                log(f"--use_bf16 auto: {'bfloat16 autocast' if use_bf16 else 'float32'} on {self.device.type}")
         self.dtype: Optional[torch.dtype] = None
         self.scaler: Optional[torch.amp.GradScaler] = None
         if use_fp16 and self.device.type != "cuda":
@@ -137,8 +144,10 @@ class MixedPrecision:
             self.scaler.load_state_dict(state["scaler"])
 
 
-def check_precision_flags(use_fp16: bool, use_bf16: bool, fp16_scale_growth: float = 1e-3) -> None:
+def check_precision_flags(use_fp16: bool, use_bf16: Union[bool, str], fp16_scale_growth: float = 1e-3) -> None:
     """A UserError naming the flag for fp16 together with bf16, or a loss-scale growth <= 0."""
+    if use_bf16 not in (True, False, AUTO):
+        raise UserError(f"--use_bf16 {use_bf16!r}: expected True, False or {AUTO}")
     if use_fp16 and use_bf16:
         raise UserError("--use_fp16 and --use_bf16 exclude each other: pick one")
     if fp16_scale_growth <= 0:
@@ -220,6 +229,14 @@ def grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
     if not grads:
         return torch.zeros(())
     return torch.nn.utils.get_total_norm(grads, norm_type=2.0).float()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CUDA GPU with bf16 units (emulation does
+    not count), or a CPU with AVX-512 BF16 / AMX."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return cpu_has_fast_bf16()
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -3,10 +3,10 @@ Strided sampling [IDDPM §4]: keep a subsequence S of the original T steps and b
 diffusion whose abar at step j is abar_{S_j}, i.e. ``beta_j = 1 - abar_{S_j} / abar_{S_{j-1}}``
 (and hence posterior variances and means for the subsequence). The model was trained on the
 original steps, so it is wrapped to receive the original index ``S_j`` (rescaled to 0..1000
-when ``rescale_timesteps``).
+when ``rescale_timesteps``); so is a classifier-guidance ``cond_fn`` [ADM §4].
 """
 
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Union
 
 import numpy as np
 import torch
@@ -116,10 +116,11 @@ class SpacedDiffusion(GaussianDiffusion):
         super().__init__(**kwargs)
         self._timestep_map_tables: Dict[torch.device, torch.Tensor] = {}
 
-    def _model_output(
-        self, model: Model, x: torch.Tensor, t: torch.Tensor, model_kwargs: Optional[Dict[str, Any]]
+    def _call_model(
+        self, fn: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, model_kwargs: Optional[Dict[str, Any]]
     ) -> torch.Tensor:
-        return super()._model_output(self._wrap_model(model, t.device), x, t, model_kwargs)
+        # The model and a guidance cond_fn [ADM §4] both get the original step indices.
+        return super()._call_model(self._wrap_model(fn, t.device), x, t, model_kwargs)
 
     def _wrap_model(self, model: Model, device: torch.device) -> "_WrappedModel":
         if isinstance(model, _WrappedModel):

@@ -28,7 +28,7 @@ import functools
 import os
 import shlex
 import sys
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from .errors import UserError
 from .fileio import atomic_save_npz
 from .flags import sampling_defaults  # noqa: F401  (importable from here, as before)
 from .image_utils import save_sample_grid, to_uint8_nhwc
-from .precision import MixedPrecision, ModelCall, set_cuda_math
+from .precision import AUTO, MixedPrecision, ModelCall, native_bf16, set_cuda_math
 from .script_util import NUM_CLASSES, args_to_dict, speed_from_args
 
 # Tags keep the seed streams of start noise and step noise apart.
@@ -139,6 +139,8 @@ def model_session(
         logger.log(f"loading {args.model_path}...")
         load_checkpoint(model, args, keys)
         yield
+        for line in model.speed_report():  # the convolution paths chosen by timing (--winograd auto)
+            logger.log(line)
 
 
 def load_checkpoint(model: torch.nn.Module, args: argparse.Namespace, keys: Iterable[str]) -> None:
@@ -156,12 +158,15 @@ def load_checkpoint(model: torch.nn.Module, args: argparse.Namespace, keys: Iter
     model.eval()
 
 
-def bf16_autocast(model: Callable[..., torch.Tensor], enabled: bool) -> Callable[..., torch.Tensor]:
+def bf16_autocast(model: Callable[..., torch.Tensor], enabled: Union[bool, str]) -> Callable[..., torch.Tensor]:
     """
-    The model call under bfloat16 autocast when ``enabled`` (:class:`.precision.ModelCall`),
-    its output cast back to float32, so the diffusion's own arithmetic (posterior, KL,
-    bits/dim) stays in float32.
+    The model call under bfloat16 autocast when ``enabled`` (``"auto"``: where the device runs
+    bfloat16 natively) through :class:`.precision.ModelCall`, its output cast back to float32,
+    so the diffusion's own arithmetic (posterior, KL, bits/dim) stays in float32.
     """
+    if enabled == AUTO:
+        enabled = native_bf16(dist_util.dev())
+        logger.log(f"--use_bf16 auto: {'bfloat16 autocast' if enabled else 'float32'} on {dist_util.dev().type}")
     if not enabled:
         return model
     logger.log(f"--use_bf16: the model runs under bfloat16 autocast on {dist_util.dev().type}")
@@ -199,6 +204,7 @@ def sample_images(
     gather_keys: Sequence[str] = ("y",),
     script: int = IMAGE_SAMPLE_SCRIPT,
     progress: bool = True,
+    cond_fn: Optional[Callable[..., torch.Tensor]] = None,
 ) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
     """
     Draw ``num_samples`` images, split over the ranks, with per-sample seeded start noise.
@@ -208,6 +214,7 @@ def sample_images(
         (already used for x_T) and returns the model kwargs, e.g. ``{"y": (B,) int64}``.
     :param gather_keys: the model kwargs to return with the images (labels; not ``low_res``).
     :param script: ``IMAGE_SAMPLE_SCRIPT`` or ``SUPER_RES_SCRIPT``, mixed into every seed.
+    :param cond_fn: classifier guidance (e.g. :func:`classifier_cond_fn`), given the model kwargs.
     :return: on rank 0 the (num_samples, H, W, C) uint8 images in index order and the model
         kwargs in ``gather_keys``, gathered the same way, as NumPy arrays; on other ranks
         ``(None, {})``.
@@ -227,7 +234,7 @@ def sample_images(
             noise = torch.stack([torch.randn(image_shape, generator=g) for g in generators])
             # Step noise: the diffusion draws it from the global RNG (see the module docstring).
             torch.manual_seed(derive_seed(seed, script, _STEP_STREAM, rank, batch_index))
-            sample = _run_loop(model, diffusion, noise, model_kwargs, use_ddim, eta, clip_denoised, show)
+            sample = _run_loop(model, diffusion, noise, model_kwargs, use_ddim, eta, clip_denoised, show, cond_fn)
             local["images"] = to_uint8_nhwc(sample)
         else:  # a rank with fewer samples still takes part in every gather
             c, h, w = image_shape
@@ -248,6 +255,7 @@ def _run_loop(
     eta: float,
     clip_denoised: bool,
     progress: bool,
+    cond_fn: Optional[Callable[..., torch.Tensor]] = None,
 ) -> torch.Tensor:
     """One batch through the ancestral or DDIM loop, from x_T = ``noise`` (B, C, H, W)."""
     device = dist_util.dev()
@@ -261,7 +269,31 @@ def _run_loop(
             model_kwargs={k: v.to(device) for k, v in model_kwargs.items()},
             device=device,
             progress=progress,
+            cond_fn=cond_fn,
         )
+
+
+def classifier_cond_fn(classifier: Callable[..., torch.Tensor], classifier_scale: float) -> Callable[..., torch.Tensor]:
+    """
+    The guidance gradient of a noised classifier [ADM §4, Alg. 1 and 2]:
+    ``cond_fn(x, t, y) = classifier_scale * d/dx sum_i log_softmax(classifier(x, t))[i, y_i]``,
+    for the sampling methods' ``cond_fn`` (which pass the model's timesteps and kwargs).
+
+    :param classifier: maps ``(x (N, C, H, W), t (N,))`` to logits ``(N, classes)``; kept in eval mode.
+    :param classifier_scale: the guidance scale s (0 = unguided).
+    :return: ``cond_fn(x, t, y=None, **other_model_kwargs)`` -> (N, C, H, W) float32 gradient.
+    """
+
+    def cond_fn(x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None, **_: Any) -> torch.Tensor:
+        if y is None:
+            raise UserError("classifier guidance needs the labels y to guide towards (model_kwargs['y'])")
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            log_probs = torch.log_softmax(classifier(x_in, t).float(), dim=-1)  # (N, classes)
+            selected = log_probs[torch.arange(len(y), device=y.device), y]  # (N,)
+            return torch.autograd.grad(selected.sum(), x_in)[0] * classifier_scale
+
+    return cond_fn
 
 
 def _in_index_order(parts: Sequence[Dict[str, np.ndarray]], num_samples: int) -> Dict[str, np.ndarray]:

@@ -8,6 +8,7 @@ NLL scripts recover the model/diffusion flags of a checkpoint (:func:`parse_args
 """
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -18,9 +19,20 @@ from . import gaussian_diffusion as gd
 from .errors import UserError
 from .fileio import atomic_save_json
 from .flags import speed_defaults
-from .nn import SpeedSettings
+from .image_datasets import image_mode
+from .nn import AUTO, SpeedSettings
+from .presets import get_preset, preset_flags
 from .respace import SpacedDiffusion, space_timesteps
-from .unet import CHANNEL_MULTS, SuperResModel, UNetModel
+from .unet import (  # noqa: F401  (the tables and parsers stay importable from here)
+    CHANNEL_MULTS,
+    CLASSIFIER_POOLS,
+    SR_CHANNEL_MULTS,
+    EncoderUNetModel,
+    SuperResModel,
+    UNetModel,
+    attention_downsample_factors,
+    channel_mult_for,
+)
 
 NUM_CLASSES = 1000
 
@@ -40,7 +52,14 @@ _UNET_FLAGS = (
     "use_scale_shift_norm",
     "dropout",
     "channel_mult",
+    "num_head_channels",
+    "resblock_updown",
+    "use_new_attention_order",
+    "use_fp16",
+    "image_channels",
 )
+# The noised classifier's fixed settings in guided-diffusion's factory [ADM §4].
+CLASSIFIER_HEAD_CHANNELS = 64
 # Diffusion flag -> create_gaussian_diffusion keyword.
 _DIFFUSION_FLAGS = {
     "diffusion_steps": "steps",
@@ -52,6 +71,7 @@ _DIFFUSION_FLAGS = {
     "rescale_timesteps": "rescale_timesteps",
     "rescale_learned_sigmas": "rescale_learned_sigmas",
     "timestep_respacing": "timestep_respacing",
+    "snr_gamma": "snr_gamma",
 }
 
 
@@ -60,13 +80,28 @@ def model_and_diffusion_defaults() -> Dict[str, Any]:
     return flags.defaults_for("image_sample", (flags.MODEL, flags.DIFFUSION))
 
 
+def diffusion_defaults() -> Dict[str, Any]:
+    """The DIFFUSION group alone (guided-diffusion's split, plus sigma_small)."""
+    return flags.defaults_for("image_sample", (flags.DIFFUSION,))
+
+
+def classifier_defaults() -> Dict[str, Any]:
+    """Defaults of the noised classifier's flags, with guided-diffusion's names and values [ADM §4]."""
+    return flags.defaults_for("classifier_train", (flags.CLASSIFIER,))
+
+
+def classifier_and_diffusion_defaults() -> Dict[str, Any]:
+    """The classifier's flags plus the DIFFUSION flags (what ``classifier_train.py`` parses)."""
+    return {**classifier_defaults(), **diffusion_defaults()}
+
+
 def _pick(values: Mapping[str, Any], names: Iterable[str]) -> Dict[str, Any]:
     return {name: values[name] for name in names}
 
 
 def _diffusion_from_flags(values: Mapping[str, Any]) -> SpacedDiffusion:
-    """The diffusion of a factory's flags (``sigma_small`` False where the factory has none)."""
-    kwargs = {key: values.get(flag, False) for flag, key in _DIFFUSION_FLAGS.items()}
+    """The diffusion of a factory's flags (those it lacks, e.g. ``sigma_small``, keep their defaults)."""
+    kwargs = {key: values[flag] for flag, key in _DIFFUSION_FLAGS.items() if flag in values}
     return create_gaussian_diffusion(**kwargs)
 
 
@@ -91,6 +126,12 @@ def create_model_and_diffusion(
     use_checkpoint: bool,
     use_scale_shift_norm: bool,
     channel_mult: str = "",
+    num_head_channels: int = -1,
+    resblock_updown: bool = False,
+    use_new_attention_order: bool = False,
+    use_fp16: bool = False,
+    image_channels: int = 3,
+    snr_gamma: float = 0.0,
     speed: Optional[SpeedSettings] = None,
 ) -> Tuple[UNetModel, SpacedDiffusion]:
     """Build the UNet and the (respaced) diffusion from the MODEL / DIFFUSION flags."""
@@ -98,50 +139,6 @@ def create_model_and_diffusion(
     # The diffusion first: it validates the schedule and respacing before any weights exist.
     diffusion = _diffusion_from_flags(values)
     return create_model(image_size, **_pick(values, _UNET_FLAGS), speed=speed), diffusion
-
-
-def channel_mult_for(image_size: int, channel_mult: str = "", flag: str = "image_size") -> Tuple[int, ...]:
-    """
-    Channel multipliers for a side length: the ``--channel_mult`` flag when given
-    (e.g. ``"1,2,2"``), else the table for 256/128/64/32/28/16.
-    """
-    if channel_mult:
-        try:
-            mult = tuple(int(m) for m in str(channel_mult).split(","))
-        except ValueError:
-            raise UserError(
-                f"--channel_mult {channel_mult!r}: expected comma-separated positive integers like 1,2,2"
-            ) from None
-        if not mult or any(m <= 0 for m in mult):
-            raise UserError(f"--channel_mult {channel_mult!r}: multipliers must be positive integers")
-        return mult
-    if image_size not in CHANNEL_MULTS:
-        sizes = ", ".join(str(s) for s in sorted(CHANNEL_MULTS))
-        raise UserError(
-            f"--{flag} {image_size} has no default channel multipliers (known sizes: {sizes}); "
-            "pass --channel_mult, e.g. --channel_mult 1,2,2"
-        )
-    return CHANNEL_MULTS[image_size]
-
-
-def attention_downsample_factors(attention_resolutions: str, image_size: int) -> Tuple[int, ...]:
-    """Turn ``--attention_resolutions "16,8"`` (feature-map sides) into downsample factors."""
-    factors = []
-    for part in str(attention_resolutions).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            side = int(part)
-        except ValueError:
-            raise UserError(
-                f"--attention_resolutions {attention_resolutions!r}: expected comma-separated "
-                "feature-map sides like 16,8"
-            ) from None
-        if side <= 0:
-            raise UserError(f"--attention_resolutions {attention_resolutions!r}: sides must be positive")
-        factors.append(image_size // side)
-    return tuple(factors)
 
 
 def _check_positive(**values: int) -> None:
@@ -163,10 +160,15 @@ def create_model(
     use_scale_shift_norm: bool,
     dropout: float,
     channel_mult: str = "",
+    num_head_channels: int = -1,
+    resblock_updown: bool = False,
+    use_new_attention_order: bool = False,
+    use_fp16: bool = False,
+    image_channels: int = 3,
     speed: Optional[SpeedSettings] = None,
 ) -> UNetModel:
     """
-    Build the attention UNet of [IDDPM App. A] from flags (3 input channels, 3 or 6 output).
+    Build the attention UNet of [IDDPM App. A] from flags (``image_channels`` C in, C or 2C out).
 
     :param speed: the network's speed settings (default: the fastest exact-enough path,
         :class:`~improved_diffusion.nn.SpeedSettings`).
@@ -175,7 +177,12 @@ def create_model(
 
 
 def _build_unet(
-    cls: type, size: int, size_flag: str, values: Mapping[str, Any], speed: Optional[SpeedSettings]
+    cls: type,
+    size: int,
+    size_flag: str,
+    values: Mapping[str, Any],
+    speed: Optional[SpeedSettings],
+    mult_table: Optional[Dict[int, Tuple]] = None,
 ) -> UNetModel:
     """Validate the model flags in ``values`` and build ``cls`` (UNetModel or SuperResModel) for side ``size``."""
     v = _pick(values, _UNET_FLAGS)
@@ -183,19 +190,25 @@ def _build_unet(
     _check_positive(num_heads=v["num_heads"])
     if not 0.0 <= v["dropout"] < 1.0:
         raise UserError(f"--dropout {v['dropout']}: must be in [0, 1)")
+    channels = v["image_channels"]
+    image_mode(channels)  # an unsupported channel count is a UserError naming --image_channels
     return cls(
-        in_channels=3,
+        in_channels=channels,
         model_channels=v["num_channels"],
-        out_channels=(3 if not v["learn_sigma"] else 6),
+        out_channels=channels * (2 if v["learn_sigma"] else 1),
         num_res_blocks=v["num_res_blocks"],
         attention_resolutions=attention_downsample_factors(v["attention_resolutions"], size),
         dropout=v["dropout"],
-        channel_mult=channel_mult_for(size, v["channel_mult"], flag=size_flag),
+        channel_mult=channel_mult_for(size, v["channel_mult"], flag=size_flag, table=mult_table),
         num_classes=(NUM_CLASSES if v["class_cond"] else None),
         use_checkpoint=v["use_checkpoint"],
         num_heads=v["num_heads"],
         num_heads_upsample=v["num_heads_upsample"],
         use_scale_shift_norm=v["use_scale_shift_norm"],
+        num_head_channels=v["num_head_channels"],
+        resblock_updown=v["resblock_updown"],
+        use_new_attention_order=v["use_new_attention_order"],
+        use_fp16=v["use_fp16"],
         speed=speed,
     )
 
@@ -226,6 +239,12 @@ def sr_create_model_and_diffusion(
     use_checkpoint: bool,
     use_scale_shift_norm: bool,
     channel_mult: str = "",
+    num_head_channels: int = -1,
+    resblock_updown: bool = False,
+    use_new_attention_order: bool = False,
+    use_fp16: bool = False,
+    image_channels: int = 3,
+    snr_gamma: float = 0.0,
     speed: Optional[SpeedSettings] = None,
 ) -> Tuple[SuperResModel, SpacedDiffusion]:
     """Build the super-resolution UNet and its diffusion from the super-resolution flags."""
@@ -248,13 +267,92 @@ def sr_create_model(
     use_scale_shift_norm: bool,
     dropout: float,
     channel_mult: str = "",
+    num_head_channels: int = -1,
+    resblock_updown: bool = False,
+    use_new_attention_order: bool = False,
+    use_fp16: bool = False,
+    image_channels: int = 3,
     speed: Optional[SpeedSettings] = None,
 ) -> SuperResModel:
     """Build the super-resolution UNet (low-resolution input upsampled and concatenated)."""
     _check_positive(small_size=small_size)
     if small_size >= large_size:
         raise UserError(f"--small_size {small_size} must be smaller than --large_size {large_size}")
-    return _build_unet(SuperResModel, large_size, "large_size", locals(), speed)
+    return _build_unet(SuperResModel, large_size, "large_size", locals(), speed, SR_CHANNEL_MULTS)
+
+
+def create_classifier(
+    image_size: int,
+    classifier_use_fp16: bool,
+    classifier_width: int,
+    classifier_depth: int,
+    classifier_attention_resolutions: str,
+    classifier_use_scale_shift_norm: bool,
+    classifier_resblock_updown: bool,
+    classifier_pool: str,
+    num_classes: int = NUM_CLASSES,
+    classifier_channel_mult: str = "",
+) -> EncoderUNetModel:
+    """
+    Build the noised classifier [ADM §4] from the classifier flags, as guided-diffusion's
+    factory does: heads of 64 channels, multipliers from the image-size table, 1000 classes.
+
+    :param num_classes: logits per image (ours: guided fixes 1000).
+    :param classifier_channel_mult: multipliers instead of the table (ours), e.g. ``"1,2,2"``.
+    """
+    check_choice("classifier_pool", classifier_pool, CLASSIFIER_POOLS)
+    _check_positive(image_size=image_size, classifier_width=classifier_width, classifier_depth=classifier_depth)
+    return EncoderUNetModel(
+        image_size=image_size,
+        in_channels=3,
+        model_channels=classifier_width,
+        out_channels=num_classes,
+        num_res_blocks=classifier_depth,
+        attention_resolutions=attention_downsample_factors(
+            classifier_attention_resolutions, image_size, flag="classifier_attention_resolutions"
+        ),
+        channel_mult=channel_mult_for(image_size, classifier_channel_mult),
+        use_fp16=classifier_use_fp16,
+        num_head_channels=CLASSIFIER_HEAD_CHANNELS,
+        use_scale_shift_norm=classifier_use_scale_shift_norm,
+        resblock_updown=classifier_resblock_updown,
+        pool=classifier_pool,
+    )
+
+
+def create_classifier_and_diffusion(
+    image_size: int,
+    classifier_use_fp16: bool,
+    classifier_width: int,
+    classifier_depth: int,
+    classifier_attention_resolutions: str,
+    classifier_use_scale_shift_norm: bool,
+    classifier_resblock_updown: bool,
+    classifier_pool: str,
+    learn_sigma: bool,
+    diffusion_steps: int,
+    noise_schedule: str,
+    timestep_respacing: str,
+    use_kl: bool,
+    predict_xstart: bool,
+    rescale_timesteps: bool,
+    rescale_learned_sigmas: bool,
+    sigma_small: bool = False,
+) -> Tuple[EncoderUNetModel, SpacedDiffusion]:
+    """Build the noised classifier and the diffusion whose x_t it classifies (guided-diffusion's factory)."""
+    values = locals()
+    diffusion = _diffusion_from_flags(values)
+    classifier = create_classifier(
+        image_size,
+        classifier_use_fp16,
+        classifier_width,
+        classifier_depth,
+        classifier_attention_resolutions,
+        classifier_use_scale_shift_norm,
+        classifier_resblock_updown,
+        classifier_pool,
+    )
+    return classifier, diffusion
 
 
 def create_gaussian_diffusion(
@@ -268,6 +366,7 @@ def create_gaussian_diffusion(
     rescale_timesteps: bool = False,
     rescale_learned_sigmas: bool = False,
     timestep_respacing: str = "",
+    snr_gamma: float = 0.0,
 ) -> SpacedDiffusion:
     """
     Map the diffusion flags to a :class:`SpacedDiffusion` (always the respacing subclass; an
@@ -300,6 +399,7 @@ def create_gaussian_diffusion(
         ),
         loss_type=loss_type,
         rescale_timesteps=rescale_timesteps,
+        snr_gamma=snr_gamma,
     )
 
 
@@ -315,6 +415,19 @@ class FlagParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"error: {message} (see --help)\n")
+
+
+def create_preset_model(name: str) -> Any:
+    """
+    The network a preset names, built by the factory of its kind from :func:`preset_flags`
+    (``create_model``, ``sr_create_model`` or ``create_classifier``). Wrap the call in
+    ``with torch.device("meta"):`` to count parameters without allocating the weights.
+    """
+    factory = {"model": create_model, "super_res": sr_create_model, "classifier": create_classifier}[
+        get_preset(name).kind
+    ]
+    values = preset_flags(name)
+    return factory(**{k: v for k, v in values.items() if k in inspect.signature(factory).parameters})
 
 
 def speed_from_args(args: argparse.Namespace) -> SpeedSettings:
@@ -334,7 +447,7 @@ def script_parser(script: str, doc: str) -> FlagParser:
     for group, group_flags in flags.flags_for(script):
         section = parser.add_argument_group(group.title, group.description)
         for flag in group_flags:
-            _add_flag(section, flag.name, flag.default, flag.help_line())
+            _add_flag(section, flag.name, flag.default, flag.help_line(), auto=flag.auto)
     return parser
 
 
@@ -350,16 +463,29 @@ def str2bool(v: Any) -> bool:
         raise argparse.ArgumentTypeError(f"boolean value expected (True/False, yes/no, 1/0), got {v!r}")
 
 
+def str2bool_or_auto(v: Any) -> Any:
+    """:func:`str2bool`, or the string ``"auto"``."""
+    if isinstance(v, str) and v.lower() == AUTO:
+        return AUTO
+    try:
+        return str2bool(v)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"True, False or auto expected, got {v!r}") from None
+
+
 def add_dict_to_argparser(parser: argparse.ArgumentParser, default_dict: Dict[str, Any]) -> None:
     """Add one ``--key`` flag per entry, typed from its default (booleans parsed strictly)."""
     for k, v in default_dict.items():
         _add_flag(parser, k, v)
 
 
-def _add_flag(parser: Any, name: str, default: Any, help: Optional[str] = None) -> None:
-    """``--name`` typed from its default (booleans parsed strictly by :func:`str2bool`)."""
+def _add_flag(parser: Any, name: str, default: Any, help: Optional[str] = None, auto: bool = False) -> None:
+    """``--name`` typed from its default (booleans parsed strictly by :func:`str2bool`; with
+    ``auto`` also the word ``auto``)."""
     v_type = str if default is None else str2bool if isinstance(default, bool) else type(default)
+    v_type = str2bool_or_auto if auto else v_type
     metavar = {bool: "BOOL", int: "INT", float: "FLOAT"}.get(type(default), "STR") if help else None
+    metavar = "BOOL|auto" if auto and help else metavar
     parser.add_argument(f"--{name}", default=default, type=v_type, help=help, metavar=metavar)
 
 

@@ -8,11 +8,13 @@ names for them (``parse_resume_step_from_filename``, ``find_resume_checkpoint``,
 
 import contextlib
 import signal
+import sys
 import threading
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from . import checkpoints, dist_util, logger
 from .checkpoints import (  # noqa: F401  (the original's names, importable from here)
@@ -137,7 +139,7 @@ class TrainLoop:
         )
         self._resume()
         dist_util.sync_params(self.params)
-        self.ddp_model = self._wrap_ddp()
+        self.ddp_model = wrap_ddp(self.model, self.device, self.world_size)
         # The DDP-wrapped model under autocast; its output goes back to float32 for the loss.
         self._network = ModelCall(self.ddp_model, self.precision, channels_last)
         self._reset_log_accumulators()
@@ -155,34 +157,27 @@ class TrainLoop:
         """The signal that stopped training, or None."""
         return self.stop.signum
 
-    def _wrap_ddp(self) -> torch.nn.Module:
-        if not (dist.is_available() and dist.is_initialized() and self.world_size > 1):
-            return self.model
-        return torch.nn.parallel.DistributedDataParallel(
-            self.model,
-            device_ids=[self.device] if self.device.type == "cuda" else None,
-            bucket_cap_mb=128,
-            find_unused_parameters=False,
-        )
-
     def _resume(self) -> None:
         step, state = checkpoints.resume(self.resume_checkpoint, self.log_dir, self.training)
         if step is not None:
             self.step = self._last_saved_step = step
         self.precision.load_state_dict(state.get("precision", {}))
         self.nonfinite.run.fill_(int(state.get("nonfinite_in_a_row", 0)))
+        if hasattr(self.model, "load_speed_state"):
+            self.model.load_speed_state(state.get("conv_paths", {}))
 
     # -----------------------------------------------------------------------------------------
     # the loop
 
     def run_loop(self) -> None:
         """Train until ``lr_anneal_steps`` / ``max_steps`` (or forever), a signal, or an error."""
-        with self.stop.installed():
+        with self.stop.installed(), step_progress(self._total_steps(), self.step) as bar:
             # Training mode for dropout; the EMA copies are plain tensors and never run.
             self.model.train()
             while not self._done():
                 batch, cond = next(self.data)
                 self.run_step(batch, cond)
+                bar.update(1)
                 if self.step % self.log_interval == 0:
                     self.log_step()
                 if self.save_interval > 0 and self.step % self.save_interval == 0:
@@ -193,9 +188,13 @@ class TrainLoop:
             if self._last_saved_step != self.step:
                 self.save()
 
-    def _done(self, step: Optional[int] = None) -> bool:
+    def _total_steps(self) -> int:
+        """Steps the run ends at (``lr_anneal_steps`` / ``max_steps``); 0 when it runs until stopped."""
         limits = [s for s in (self.lr_anneal_steps, self.max_steps) if s > 0]
-        return bool(limits) and (self.step if step is None else step) >= min(limits)
+        return min(limits) if limits else 0
+
+    def _done(self, step: Optional[int] = None) -> bool:
+        return self._total_steps() > 0 and (self.step if step is None else step) >= self._total_steps()
 
     def _reads_host(self, step: int) -> bool:
         """Whether step ``step`` (1-based) waits for the device anyway: it logs, saves or is the last."""
@@ -270,10 +269,7 @@ class TrainLoop:
 
     @torch.no_grad()
     def update_ema(self, took_step: torch.Tensor) -> None:
-        """
-        ``ema = rate * ema + (1 - rate) * param`` for every rate, after each optimizer step;
-        where the 0-d bool ``took_step`` is False (a skipped step) every EMA stays as it is.
-        """
+        """``ema = rate * ema + (1 - rate) * param`` for every rate, unless the 0-d bool ``took_step`` is False."""
         params = [p.detach().float() for p in self.params]
         for rate, ema in zip(self.ema_rate, self.ema_params):
             torch._foreach_mul_(ema, torch.where(took_step, rate, 1.0))
@@ -336,6 +332,8 @@ class TrainLoop:
             logger.logkv("lg_loss_scale", self.precision.lg_loss_scale)
         self.last_logged = logger.dumpkvs()
         self._reset_log_accumulators()
+        for line in getattr(self.model, "speed_report", list)():  # convolution paths chosen since the last log
+            logger.log(line)
 
     # -----------------------------------------------------------------------------------------
     # checkpoints
@@ -343,8 +341,22 @@ class TrainLoop:
     def save(self) -> None:
         """Save a checkpoint of the current step (:func:`.checkpoints.save`; every rank calls)."""
         extra = {"nonfinite_in_a_row": self.nonfinite_in_a_row, "precision": self.precision.state_dict()}
+        # Convolution paths chosen by timing (--winograd auto): a resumed run must compute alike.
+        extra["conv_paths"] = getattr(self.model, "speed_state", dict)()
         checkpoints.save(self.log_dir, self.step, self.training, extra)
         self._last_saved_step = self.step
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device, world_size: int) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel when several processes train (else ``model`` itself)."""
+    if not (dist.is_available() and dist.is_initialized() and world_size > 1):
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=[device] if device.type == "cuda" else None,
+        bucket_cap_mb=128,
+        find_unused_parameters=False,
+    )
 
 
 class NonfiniteSteps:
@@ -385,6 +397,16 @@ class NonfiniteSteps:
                 f"training stopped: loss was NaN/Inf for {limit} steps in a row at step {step}; "
                 "lower --lr or check the data (weights and checkpoints hold no NaN)"
             )
+
+
+def step_progress(total: int, done: int) -> Any:
+    """
+    A progress bar over training steps with the time left (tqdm, on stderr, rank 0 only), shown
+    when the number of steps is known (``total`` > 0) and stderr is a terminal (a log file or a
+    pipe keeps only the log's rows); otherwise a bar that shows nothing.
+    """
+    shown = total > 0 and dist_util.is_main_process() and sys.stderr.isatty()
+    return tqdm(total=total, initial=done, unit="step", disable=not shown)
 
 
 class StopRequest:

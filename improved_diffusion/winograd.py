@@ -31,13 +31,19 @@ where its ``winograd`` speed setting is on (:class:`~improved_diffusion.nn.Speed
 default); switching it off gives the direct convolution.
 """
 
+import json
 import math
+import os
 import threading
-from typing import Dict, Optional, Tuple
+import time
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from .errors import UserError
+from .fileio import atomic_write
 
 # Tile sizes of F(4x4, 3x3): 4x4 outputs from 6x6 inputs.
 OUT_TILE = 4
@@ -154,7 +160,7 @@ def worthwhile(in_channels: int, out_channels: int, height: int, width: int) -> 
     )
 
 
-def _fast_input(x: torch.Tensor) -> bool:
+def fast_input(x: torch.Tensor) -> bool:
     """A 4-d float32 CPU tensor outside autocast and ``torch.compile``."""
     return (
         x.device.type == "cpu"
@@ -165,14 +171,14 @@ def _fast_input(x: torch.Tensor) -> bool:
     )
 
 
-def applicable(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
+def eligible(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
     """
-    Whether ``conv(x)`` takes the Winograd path: a float32 CPU input outside autocast and
+    Whether ``conv(x)`` can take the Winograd path: a float32 CPU input outside autocast and
     compilation, a float32 3x3 kernel with stride 1, padding 1, no dilation or groups, zero
-    padding, and a size that is :func:`worthwhile`.
+    padding.
     """
     return (
-        _fast_input(x)
+        fast_input(x)
         and conv.weight.dtype == torch.float32
         and conv.kernel_size == (3, 3)
         and conv.stride == (1, 1)
@@ -180,18 +186,12 @@ def applicable(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
         and conv.dilation == (1, 1)
         and conv.groups == 1
         and conv.padding_mode == "zeros"
-        and worthwhile(conv.in_channels, conv.out_channels, *x.shape[-2:])
     )
 
 
-def prefers_channels_last(x: torch.Tensor, channels: int) -> bool:
-    """
-    Whether a network whose first level has ``channels`` channels should take ``x`` in
-    channels-last layout: its first-level convolutions take the Winograd path, which returns
-    channels-last tensors, so every layer then sees one layout (mixed layouts cost a
-    conversion at each residual addition).
-    """
-    return _fast_input(x) and worthwhile(channels, channels, *x.shape[-2:])
+def applicable(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether ``conv(x)`` takes the Winograd path by the fixed rule: :func:`eligible` and :func:`worthwhile`."""
+    return eligible(conv, x) and worthwhile(conv.in_channels, conv.out_channels, *x.shape[-2:])
 
 
 class _WinogradConv3x3(torch.autograd.Function):
@@ -305,3 +305,120 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
     """
     keep_input = torch.is_grad_enabled() and weight.requires_grad  # the weight gradient needs B^T d B
     return _WinogradConv3x3.apply(x, weight, bias, keep_input)
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing the path by measurement
+
+
+class PathChooser:
+    """
+    Chooses, per convolution shape, between the direct and the Winograd convolution by timing
+    both, as cuDNN's benchmark mode does: on the first call with a new key (channels, input
+    shape, memory layout, training or not, thread count) it times each path a few times
+    (forward, plus backward when training) on tensors of that shape and keeps the faster; the
+    Winograd path must win by ``margin`` so that noise never picks a slower path. Decisions are
+    kept for the process and, with ``cache_file``, in a JSON file reused by later runs on the
+    same CPU and torch version. The timing draws no random numbers.
+
+    One chooser serves one model (:func:`improved_diffusion.nn.apply_speed` makes it), so two
+    models in a process never share decisions.
+
+    :param cache_file: JSON file of earlier decisions ("" or None: this process only).
+    :param repeats: timed calls per path (the fastest counts), after one warm-up call.
+    :param margin: Winograd is chosen only if it takes at most this fraction of the direct time.
+    """
+
+    def __init__(self, cache_file: Optional[str] = None, repeats: int = 3, margin: float = 0.95):
+        self.cache_file, self.repeats, self.margin = cache_file or None, repeats, margin
+        self.decisions: Dict[str, Dict[str, Any]] = {}
+        self._new: List[str] = []
+        if self.cache_file and os.path.exists(self.cache_file):
+            self.decisions.update(_read_cache(self.cache_file))
+
+    def use_winograd(self, in_channels: int, out_channels: int, x: torch.Tensor, training: bool) -> bool:
+        """Whether a 3x3 convolution ``in_channels -> out_channels`` of ``x`` should use Winograd."""
+        key = _key(in_channels, out_channels, x, training)
+        if key not in self.decisions:
+            self.decisions[key] = _measure(in_channels, out_channels, x, training, self.repeats, self.margin)
+            self._new.append(key)
+            if self.cache_file:
+                _write_cache(self.cache_file, self.decisions)
+        return bool(self.decisions[key]["winograd"])
+
+    def report(self) -> List[str]:
+        """One line per decision made since the last call, e.g. for the training log."""
+        lines = [f"conv path {k}: {_describe(self.decisions[k])}" for k in self._new]
+        self._new = []
+        return lines
+
+
+def _key(in_channels: int, out_channels: int, x: torch.Tensor, training: bool) -> str:
+    layout = "channels_last" if x.is_contiguous(memory_format=torch.channels_last) else "contiguous"
+    n, _, height, width = x.shape
+    mode = "train" if training else "eval"
+    return (
+        f"{in_channels}->{out_channels} {height}x{width} batch {n} {layout} {mode} threads {torch.get_num_threads()} "
+        f"cpu {torch.backends.cpu.get_cpu_capability()} torch {torch.__version__}"
+    )
+
+
+def _describe(decision: Dict[str, Any]) -> str:
+    path = "winograd" if decision["winograd"] else "direct"
+    return f"{path} (direct {1e3 * decision['direct_s']:.2f} ms, winograd {1e3 * decision['winograd_s']:.2f} ms)"
+
+
+def _measure(in_channels: int, out_channels: int, x: torch.Tensor, training: bool, repeats: int, margin: float):
+    """Time both paths on constant tensors shaped like ``x`` (no random numbers are drawn)."""
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    probe = torch.full(x.shape, 0.5, dtype=x.dtype).contiguous(memory_format=layout)
+    weight = torch.full((out_channels, in_channels, 3, 3), 0.01, dtype=x.dtype)
+    bias = torch.zeros(out_channels, dtype=x.dtype)
+
+    def run(conv: Any) -> None:
+        if not training:
+            with torch.no_grad():
+                conv(probe, weight, bias)
+            return
+        # Own saved-tensor hooks: inside a gradient-checkpointed block the probe's tensors must
+        # not join the block's saved tensors (the recomputation would not see them again).
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
+            inputs = [t.detach().requires_grad_(True) for t in (probe, weight, bias)]
+            conv(*inputs).sum().backward()
+
+    times = {
+        "direct_s": _fastest(lambda: run(lambda a, w, b: F.conv2d(a, w, b, padding=1)), repeats),
+        "winograd_s": _fastest(lambda: run(conv3x3), repeats),
+    }
+    return {"winograd": times["winograd_s"] <= margin * times["direct_s"], **times}
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _fastest(fn: Any, repeats: int) -> float:
+    fn()  # warm-up: workspaces, kernels
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _read_cache(path: str) -> Dict[str, Dict[str, Any]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--winograd_cache {path}: not a readable JSON file of convolution timings ({exc})") from exc
+    entries = data.get("entries") if isinstance(data, dict) else None
+    if not isinstance(entries, dict):
+        raise UserError(f"--winograd_cache {path}: no 'entries' table; delete the file to measure afresh")
+    return entries
+
+
+def _write_cache(path: str, decisions: Dict[str, Dict[str, Any]]) -> None:
+    text = json.dumps({"version": 1, "entries": decisions}, indent=1, sort_keys=True) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))

@@ -12,6 +12,10 @@ from improved_diffusion.errors import UserError
 from improved_diffusion.unet import UNetModel
 
 HEADS_NOTE = "--num_heads and --num_heads_upsample are not stored in a checkpoint"
+UNSTORED_END = (
+    "nor are --num_head_channels, --use_new_attention_order and --rescale_timesteps (they change the outputs, "
+    "not the shapes): keep the training values, or for a released checkpoint use --preset NAME (--preset list)"
+)
 
 
 def _flags(**overrides) -> dict:
@@ -45,9 +49,11 @@ def _error(model, state_dict, flags=None, source="model.pt") -> str:
             "unet_small.pt",
             dict(
                 num_channels=32,
+                image_channels=3,
                 learn_sigma=True,
                 class_cond=True,
                 use_scale_shift_norm=True,
+                resblock_updown=False,
                 num_res_blocks=1,
                 channel_mult="1,2,2,2",
                 attention_downsample_factors=(2, 4),
@@ -59,9 +65,11 @@ def _error(model, state_dict, flags=None, source="model.pt") -> str:
             "unet_small64.pt",
             dict(
                 num_channels=32,
+                image_channels=3,
                 learn_sigma=False,
                 class_cond=False,
                 use_scale_shift_norm=False,
+                resblock_updown=False,
                 num_res_blocks=1,
                 channel_mult="1,2,3,4",
                 attention_downsample_factors=(4,),
@@ -74,9 +82,11 @@ def _error(model, state_dict, flags=None, source="model.pt") -> str:
             "unet_superres.pt",
             dict(
                 num_channels=32,
+                image_channels=3,
                 learn_sigma=True,
                 class_cond=True,
                 use_scale_shift_norm=True,
+                resblock_updown=False,
                 num_res_blocks=1,
                 channel_mult="1,2",
                 attention_downsample_factors=(2,),
@@ -88,14 +98,34 @@ def test_guess_flags_from_golden_state_dicts(name, expected):
     assert guess_flags_from_state_dict(load_pt(name)["state_dict"]) == expected
 
 
+@pytest.mark.parametrize(
+    "in_channels, out_channels, expected",
+    [
+        (1, 1, dict(image_channels=1, learn_sigma=False)),
+        (1, 2, dict(image_channels=1, learn_sigma=True)),
+        (3, 6, dict(image_channels=3, learn_sigma=True)),
+        (6, 3, dict(image_channels=3, learn_sigma=False)),  # super-resolution: x and low_res
+        (6, 6, dict(image_channels=3, learn_sigma=True)),  # the original's upsampler with learned sigma
+        (2, 1, dict(image_channels=1, learn_sigma=False)),  # a 1-channel upsampler
+    ],
+)
+def test_guess_flags_reads_the_image_channels(in_channels, out_channels, expected):
+    model = UNetModel(in_channels, 32, out_channels, num_res_blocks=1, attention_resolutions=(), channel_mult=(1, 2))
+    guess = guess_flags_from_state_dict(model.state_dict())
+    assert {k: guess[k] for k in expected} == expected
+
+
 def test_guess_flags_sees_weightless_downsamples_and_super_resolution():
     model = UNetModel(
         6, 32, 3, num_res_blocks=2, attention_resolutions=(1, 4), channel_mult=(1, 1, 2, 2, 4, 4), conv_resample=False
     )
     guess = guess_flags_from_state_dict(model.state_dict())
     assert guess["num_res_blocks"] == 2 and guess["channel_mult"] == "1,1,2,2,4,4"
-    assert guess["large_size"] == 256 and guess["attention_resolutions"] == "256,64"
-    assert guess["learn_sigma"] is False and "image_size" not in guess
+    # Upsamplers to 256 and to 512 share these multipliers: no size (and no sides) is guessed.
+    assert guess["attention_downsample_factors"] == (1, 4) and "attention_resolutions" not in guess
+    assert guess["learn_sigma"] is False and "image_size" not in guess and "large_size" not in guess
+    model = UNetModel(6, 32, 3, num_res_blocks=1, attention_resolutions=(4,), channel_mult=(1, 2, 3, 4))
+    assert guess_flags_from_state_dict(model.state_dict())["large_size"] == 64
 
 
 def test_matching_checkpoint_loads_strictly_from_float16():
@@ -124,7 +154,7 @@ def test_other_width_names_keys_shapes_and_flags(pass_flags):
         "the checkpoint looks like --num_channels 32 --learn_sigma True --class_cond True "
         f"({label} --num_channels 64 --learn_sigma False --class_cond False)"
     ) in message
-    assert message.endswith(f"{HEADS_NOTE}, keep the training values")
+    assert message.endswith(f"{HEADS_NOTE}, {UNSTORED_END}")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing loaded
 
 
@@ -196,3 +226,21 @@ def test_each_rank_saves_and_restores_its_own_cuda_generator():
     expected = torch.rand(3, device=checkpoints.dist_util.dev())
     checkpoints.set_rng_state(state)
     assert torch.equal(torch.rand(3, device=checkpoints.dist_util.dev()), expected)
+
+
+def test_classifier_checkpoint_of_another_shape_names_the_classifier_flags():
+    from improved_diffusion.unet import EncoderUNetModel
+
+    data = load_pt("guided/classifiers.pt")["models"]
+    kwargs = dict(data["attention"]["kwargs"], model_channels=64, pool="adaptive")
+    with pytest.raises(UserError) as info:
+        load_model_state(EncoderUNetModel(**kwargs), data["attention"]["state_dict"], "clf.pt", flags={})
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("checkpoint clf.pt does not match the model")
+    assert (
+        "the checkpoint looks like --classifier_width 32 --classifier_pool attention "
+        "(you passed --classifier_width 64 --classifier_pool adaptive)"
+    ) in message
+    assert message.endswith("for a released classifier use --preset adm-classifier64 (128, 256, 512)")
+    model = EncoderUNetModel(**data["spatial_v2"]["kwargs"])
+    load_model_state(model, data["spatial_v2"]["state_dict"], "clf.pt")  # a matching one loads strictly

@@ -33,8 +33,12 @@ ORIGINAL_DEFAULTS = dict(
 )  # fmt: skip
 
 
-def test_defaults_are_the_originals_plus_channel_mult():
-    assert model_and_diffusion_defaults() == dict(ORIGINAL_DEFAULTS, channel_mult="")
+# guided-diffusion's architecture flags at values that build the original's network.
+ADM_DEFAULTS = dict(num_head_channels=-1, resblock_updown=False, use_new_attention_order=False)
+
+
+def test_defaults_are_the_originals_plus_channel_mult_and_adm_flags():
+    assert model_and_diffusion_defaults() == dict(ORIGINAL_DEFAULTS, channel_mult="", image_channels=3, **ADM_DEFAULTS)
 
 
 def test_every_script_has_the_speed_flags():
@@ -42,7 +46,7 @@ def test_every_script_has_the_speed_flags():
     import os
     import runpy
 
-    assert speed_defaults() == {"sdpa": True, "winograd": True}
+    assert speed_defaults() == {"sdpa": True, "winograd": "auto", "winograd_cache": ""}
     scripts = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
     for name in ("image_train.py", "super_res_train.py", "image_sample.py", "super_res_sample.py", "image_nll.py"):
         parser = runpy.run_path(os.path.join(scripts, name), run_name="not_main")["create_argparser"]()
@@ -52,7 +56,9 @@ def test_every_script_has_the_speed_flags():
 
 def test_super_res_defaults_drop_image_size_and_sigma_small():
     expected = {k: v for k, v in ORIGINAL_DEFAULTS.items() if k not in ("image_size", "sigma_small")}
-    assert sr_model_and_diffusion_defaults() == dict(expected, large_size=256, small_size=64, channel_mult="")
+    assert sr_model_and_diffusion_defaults() == dict(
+        expected, large_size=256, small_size=64, channel_mult="", image_channels=3, **ADM_DEFAULTS
+    )
 
 
 @pytest.mark.parametrize("text, value", [("True", True), ("yes", True), ("1", True), ("f", False), ("NO", False)])

@@ -223,7 +223,7 @@ def test_speed_flags_select_the_plain_path_and_are_logged(ckpt, tmp_path):
     fast = _sample(ckpt, tmp_path / "fast", *flags)["arr_0"]
     plain = _sample(ckpt, tmp_path / "plain", *flags, "--winograd", False, "--sdpa", False)["arr_0"]
     np.testing.assert_allclose(plain.astype(int), fast.astype(int), rtol=0, atol=ATOL_PIXEL)
-    for folder, line in (("fast", "sdpa=True, winograd=True"), ("plain", "sdpa=False, winograd=False")):
+    for folder, line in (("fast", "sdpa=True, winograd=auto"), ("plain", "sdpa=False, winograd=False")):
         with open(tmp_path / folder / "log.txt") as f:
             assert f"speed settings: {line}\n" in f.read()
 

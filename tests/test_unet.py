@@ -146,9 +146,11 @@ def test_dims_1_and_3_forward_shapes(dims, shape):
 
 
 def test_first_multiplier_other_than_one_builds_and_runs():
-    # The original sized the last conv by model_channels and failed here; the width is C * mult[0].
+    # The original sized the last conv by model_channels and failed here; as in guided-diffusion,
+    # the first conv and the output head are int(C * mult[0]) wide.
     model = _tiny(channel_mult=(2, 2))
     assert model.out[2].weight.shape == (6, 64, 3, 3)
+    assert model.input_blocks[0][0].weight.shape == (64, 3, 3, 3)
     assert model(torch.randn(1, 3, 8, 8), torch.tensor([4])).shape == (1, 6, 8, 8)
 
 
