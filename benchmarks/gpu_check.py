@@ -45,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from improved_diffusion import logger
 from improved_diffusion.errors import UserError, run_main
-from improved_diffusion.precision import MixedPrecision, ModelCall, set_cuda_math
+from improved_diffusion.precision import MixedPrecision, ModelCall, native_bf16, set_cuda_math
 from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from improved_diffusion.train_setup import compile_model
 from improved_diffusion.train_util import TrainLoop
@@ -104,7 +104,7 @@ def header(device: torch.device, args: argparse.Namespace) -> Dict[str, Any]:
         tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
         tf32_cudnn=torch.backends.cudnn.allow_tf32,
         cudnn_benchmark=torch.backends.cudnn.benchmark,
-        bf16_native=torch.cuda.is_bf16_supported(including_emulation=False) if cuda else None,
+        bf16_native=native_bf16(device),
         peak_bf16_tflops=args.peak_tflops or (peak_bf16_tflops(name) if cuda else None),
         config=dict(QUICK_CONFIG if args.quick else CONFIG),
         batch_size=args.batch_size,
@@ -262,7 +262,7 @@ def bench_training(device: torch.device, args: argparse.Namespace, report: Dict[
     )
     train = report.setdefault("train", {})
     for name in args.variants:
-        if name != "fp32" and "bf16" in name and report["header"]["bf16_native"] is False:
+        if "bf16" in name and device.type == "cuda" and not report["header"]["bf16_native"]:
             train[name] = dict(skipped="bfloat16 is emulated on this GPU")
             continue
         try:

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from improved_diffusion import dist_util, logger, winograd
 from improved_diffusion.errors import UserError, run_main
 from improved_diffusion.nn import SpeedSettings
-from improved_diffusion.precision import MixedPrecision, ModelCall, set_cuda_math
+from improved_diffusion.precision import MixedPrecision, ModelCall, native_bf16, set_cuda_math
 from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from improved_diffusion.train_setup import compile_model
 from improved_diffusion.train_util import TrainLoop
@@ -105,13 +105,6 @@ def _speed(variant: Variant) -> SpeedSettings:
     return SpeedSettings(**variant.switches)
 
 
-def _native_bf16(device: torch.device) -> bool:
-    """Whether bfloat16 is fast here: a CUDA GPU with native bf16 (not emulated), or a CPU with AVX-512 BF16 / AMX."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 def make_variants(args: argparse.Namespace, device: torch.device) -> Dict[str, Variant]:
     """The variants this run compares, ``plain`` first; ``--variants`` picks a subset."""
     off = {name: False for name in _switch_names()}
@@ -123,7 +116,7 @@ def make_variants(args: argparse.Namespace, device: torch.device) -> Dict[str, V
     variants.append(Variant("fused_adamw", off, fused_adamw=True))
     if args.compile:
         variants.append(Variant("compile", off, compile=True))
-    if _native_bf16(device) or args.bf16:
+    if native_bf16(device) or args.bf16:
         variants.append(Variant("bf16", off, amp="bf16"))
     if device.type == "cuda":
         variants.append(Variant("fp16", off, amp="fp16"))
@@ -416,7 +409,7 @@ def bench_nll(args, device, variants, configs) -> None:
 def bench_bf16(args, device, variants, configs) -> None:
     """Loss difference of bfloat16 autocast against float32, and the time of one forward+loss."""
     flags, batch_size = configs["small"]
-    batch_size = min(batch_size, 2 if not _native_bf16(device) else batch_size)  # slow without native bf16
+    batch_size = min(batch_size, 2 if not native_bf16(device) else batch_size)  # slow without native bf16
     model, diffusion = _build(flags)
     off = variants["plain"].switches
     pair = {"plain": Variant("plain", off), "bf16": Variant("bf16", off, amp="bf16")}
@@ -434,7 +427,7 @@ def bench_bf16(args, device, variants, configs) -> None:
     tasks = {n: lambda n=n: loss(n) for n in models}
     stats = measure(tasks, device, max(1, args.repeats // 2), 1)
     record = _header("bf16", args, device)
-    record.update(config="small", batch_size=batch_size, native_bf16=_native_bf16(device), unit="s/forward+loss")
+    record.update(config="small", batch_size=batch_size, native_bf16=native_bf16(device), unit="s/forward+loss")
     record["results"] = _with_ratios(stats, images=batch_size)
     record["loss_fp32"] = losses["plain"].tolist()
     record["loss_bf16"] = losses["bf16"].tolist()
@@ -476,7 +469,7 @@ def bench_ops(args, device, variants, configs) -> None:
         )
     stats = measure(tasks, device, args.repeats, args.warmup)
     record = _header("ops", args, device)
-    record.update(matmul=size, conv=[n, c, hw, hw], native_bf16=_native_bf16(device), unit="s/call")
+    record.update(matmul=size, conv=[n, c, hw, hw], native_bf16=native_bf16(device), unit="s/call")
     record["results"] = _with_ratios(stats)
     record["bf16_matmul_speedup"] = round(stats["matmul_fp32"]["median_s"] / stats["matmul_bf16"]["median_s"], 4)
     record["bf16_conv_speedup"] = round(stats["conv_fp32"]["median_s"] / stats["conv_bf16"]["median_s"], 4)
