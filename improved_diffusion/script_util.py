@@ -431,8 +431,15 @@ def create_preset_model(name: str) -> Any:
 
 
 def speed_from_args(args: argparse.Namespace) -> SpeedSettings:
-    """The network's :class:`~improved_diffusion.nn.SpeedSettings` from the SPEED flags."""
-    return SpeedSettings(**args_to_dict(args, speed_defaults()))
+    """
+    The network's :class:`~improved_diffusion.nn.SpeedSettings` from the SPEED flags. With
+    ``--deterministic``, ``--winograd auto`` becomes the fixed size rule: a choice by timing can
+    differ between two runs, and with it the float rounding.
+    """
+    settings = args_to_dict(args, speed_defaults())
+    if getattr(args, "deterministic", False) and settings["winograd"] == AUTO:
+        settings["winograd"] = True
+    return SpeedSettings(**settings)
 
 
 def script_parser(script: str, doc: str) -> FlagParser:
