@@ -30,7 +30,9 @@ Paper equation -> function (equation numbers as printed in the papers):
 - [ADM Alg. 2] classifier guidance of the score (eps): ``condition_score`` (``ddim_sample(cond_fn=)``)
 
 Strided (respaced) sampling, [IDDPM §4], lives in :mod:`.respace`; importance sampling of t
-([IDDPM Eq. 18]) in :mod:`.resample`.
+([IDDPM Eq. 18]) in :mod:`.resample`; the ODE solvers DPM-Solver++(2M) [DPM-Solver++ Alg. 2] and
+Heun [EDM Alg. 1] and classifier-free guidance [CFG Eq. 6] in :mod:`.samplers` (through
+``_sample_loop_progressive``).
 """
 
 import enum
@@ -651,7 +653,7 @@ class GaussianDiffusion:
         progress: bool,
         cond_fn: Optional[CondFn] = None,
     ) -> Iterator[Dict[str, torch.Tensor]]:
-        """The loop driver shared by ancestral and DDIM sampling; ``step`` is the only difference."""
+        """The loop driver shared by ancestral, DDIM and the ODE solvers of :mod:`.samplers`; ``step`` differs."""
         if device is None:
             device = _model_device(model, noise)
         assert isinstance(shape, (tuple, list))

@@ -83,52 +83,13 @@ def network_evaluations(sampler: str, num_steps: int) -> int:
     return 2 * num_steps - 1 if sampler == HEUN else num_steps
 
 
-def sample_loop(
-    diffusion: GaussianDiffusion,
-    model: Model,
-    shape: Sequence[int],
-    *,
-    sampler: str = ANCESTRAL,
-    noise: Optional[torch.Tensor] = None,
-    clip_denoised: bool = True,
-    denoised_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-    model_kwargs: Optional[Dict[str, Any]] = None,
-    device: Optional[torch.device] = None,
-    progress: bool = False,
-    eta: float = 0.0,
-    cond_fn: Optional[CondFn] = None,
-) -> torch.Tensor:
+def sample_loop(diffusion: GaussianDiffusion, model: Model, shape: Sequence[int], **options: Any) -> torch.Tensor:
     """
-    Generate samples with ``sampler`` from x_T = ``noise`` over the diffusion's steps.
+    Generate samples: :func:`sample_loop_progressive` (same keyword arguments) drained.
 
-    :param diffusion: the (respaced) diffusion; its steps are where the model is evaluated.
-    :param model: called as ``model(x, t_model, **model_kwargs)``, as in :meth:`p_mean_variance`.
-    :param shape: (N, C, ...) of the samples.
-    :param sampler: one of :data:`SAMPLERS`.
-    :param noise: (N, C, ...) the start x_T; drawn with ``torch.randn`` when None.
-    :param clip_denoised: clip the predicted x_0 to [-1, 1] (the ODE solvers then follow the
-        clipped denoiser, as DDIM does).
-    :param eta: DDIM's noise (``ddim`` only).
-    :param cond_fn: classifier guidance: of the mean for ``ancestral`` [ADM Alg. 1], of the
-        score for the others [ADM Alg. 2].
     :return: (N, C, ...) the final samples.
     """
-    return _last_sample(
-        sample_loop_progressive(
-            diffusion,
-            model,
-            shape,
-            sampler=sampler,
-            noise=noise,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs,
-            device=device,
-            progress=progress,
-            eta=eta,
-            cond_fn=cond_fn,
-        )
-    )
+    return _last_sample(sample_loop_progressive(diffusion, model, shape, **options))
 
 
 def sample_loop_progressive(
@@ -147,8 +108,23 @@ def sample_loop_progressive(
     cond_fn: Optional[CondFn] = None,
 ) -> Iterator[Dict[str, torch.Tensor]]:
     """
-    As :func:`sample_loop`, yielding ``{"sample", "pred_xstart"}`` (each (N, C, ...)) after
-    every step; ``sample`` is the state at the next step (the clean data after step 0).
+    Sample with ``sampler`` from x_T = ``noise`` over the diffusion's steps, yielding
+    ``{"sample", "pred_xstart"}`` (each (N, C, ...)) after every step; ``sample`` is the state
+    at the next step (the clean data after step 0).
+
+    :param diffusion: the (respaced) diffusion; its steps are where the model is evaluated.
+    :param model: called as ``model(x, t_model, **model_kwargs)``, as in :meth:`p_mean_variance`.
+    :param shape: (N, C, ...) of the samples.
+    :param sampler: one of :data:`SAMPLERS`.
+    :param noise: (N, C, ...) the start x_T; drawn with ``torch.randn`` when None.
+    :param clip_denoised: clip the predicted x_0 to [-1, 1] (the ODE solvers then follow the
+        clipped denoiser, as DDIM does).
+    :param denoised_fn: applied to the predicted x_0 before clipping.
+    :param device: where to sample; defaults to the model's parameters' device.
+    :param progress: show a tqdm progress bar over the steps.
+    :param eta: DDIM's noise (``ddim`` only).
+    :param cond_fn: classifier guidance: of the mean for ``ancestral`` [ADM Alg. 1], of the
+        score for the others [ADM Alg. 2].
     """
     check_sampler(sampler, diffusion.num_timesteps)
     if eta != 0.0 and sampler != DDIM:
