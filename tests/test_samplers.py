@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from improved_diffusion import samplers
+from improved_diffusion import flags, samplers
 from improved_diffusion.errors import UserError
 from improved_diffusion.script_util import create_gaussian_diffusion
 
@@ -190,6 +190,12 @@ def test_sampler_names_and_the_use_ddim_synonym():
         samplers.resolve_sampler("euler")
     with pytest.raises(UserError, match=r"--use_ddim True contradicts --sampler heun"):
         samplers.resolve_sampler("heun", use_ddim=True)
+
+
+def test_the_flag_table_lists_the_samplers():
+    (flag,) = [f for f in flags.SAMPLE.flags if f.name == "sampler"]
+    assert flag.choices == samplers.SAMPLERS == flags.SAMPLERS
+    assert flag.default == samplers.ANCESTRAL and "two per step except the last" in flag.help
 
 
 def test_bad_sampler_settings_are_one_line_errors_naming_the_flag(toy):
