@@ -13,8 +13,9 @@ update. Every sampler runs over the diffusion's own steps j = N-1, ..., 0 (a
   Solver for Guided Sampling of Diffusion Probabilistic Models"), multistep second order in the
   data-prediction form: :func:`dpm_solver_2m_update`;
 - ``heun``: Heun's second-order method on the probability-flow ODE [EDM Alg. 1] (Karras et al.
-  2022, without churn) in the variance-exploding form of [EDM Eq. 4] (x / sqrt(abar) against
-  sigma = sqrt((1 - abar) / abar), the ODE of [DDIM Eq. 14]): :func:`heun_update`.
+  2022, "Elucidating the Design Space of Diffusion-Based Generative Models", without churn), on
+  [EDM Eq. 4] with sigma(t) = tan t, s(t) = cos t: the VP process at the angle
+  t = arctan(sigma / alpha), smooth from noise to data: :func:`heun_update`.
 
 The ODE solvers use only the model's prediction of x_0 (:meth:`p_mean_variance`'s
 ``pred_xstart``), so epsilon or x_0 prediction, fixed or learned variances, ``rescale_timesteps``,
