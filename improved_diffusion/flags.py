@@ -120,6 +120,7 @@ MODEL = FlagGroup(
             "label with this probability; > 0 adds the null label's row to the label table",
             new=True,
         ),
+        Flag("image_channels", 3, "channels of the images: 1 grey, 3 RGB (2 grey + alpha, 4 RGBA)", new=True),
     ),
 )
 
@@ -160,6 +161,9 @@ TRAIN = FlagGroup(
             choices=("uniform", "loss-second-moment"),
         ),
         Flag("lr", 1e-4, "AdamW learning rate"),
+        Flag(
+            "snr_gamma", 0.0, "min-SNR-gamma weighting of the simple loss [Hang et al. 2023], e.g. 5; 0: off", new=True
+        ),
         Flag("weight_decay", 0.0, "AdamW weight decay"),
         Flag("lr_anneal_steps", 0, "anneal the learning rate linearly to 0 over this many steps, then stop; 0: never"),
         Flag("batch_size", 1, "images per step and process"),

@@ -35,6 +35,10 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 Batch = Tuple[torch.Tensor, Dict[str, torch.Tensor]]
 
 
+# PIL modes by number of channels (--image_channels).
+IMAGE_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+
+
 def check_enough_images(data_dir: str, num_images: int, world_size: int) -> None:
     """A UserError when the data folder has fewer images than processes (each needs one)."""
     if num_images < world_size:
@@ -56,6 +60,7 @@ def load_data(
     seed: int = 0,
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
+    image_channels: int = 3,
 ) -> "ImageLoader":
     """
     An endless iterator over ``(images, model_kwargs)`` batches of this rank's shard.
@@ -70,9 +75,12 @@ def load_data(
     :param seed: seed of the per-epoch shuffling and flipping.
     :param rank: this process's rank; default ``dist_util.get_rank()``.
     :param world_size: number of processes; default ``dist_util.get_world_size()``.
-    :return: an :class:`ImageLoader`; ``next()`` gives (N, 3, image_size, image_size) float32
+    :param image_channels: channels C of the images (1 grey, 2 grey + alpha, 3 RGB, 4 RGBA);
+        every file is converted to that mode (a colour image becomes grey for C = 1).
+    :return: an :class:`ImageLoader`; ``next()`` gives (N, C, image_size, image_size) float32
         images in ``[-1, 1]`` and a dict (``{"y": labels}`` or ``{}``).
     """
+    mode = image_mode(image_channels)
     if rank is None or world_size is None:
         rank = dist_util.get_rank() if rank is None else rank
         world_size = dist_util.get_world_size() if world_size is None else world_size
@@ -88,6 +96,7 @@ def load_data(
         image_size,
         all_files[rank::world_size],
         classes=None if labels is None else labels[rank::world_size],
+        mode=mode,
     )
     return ImageLoader(
         dataset,
@@ -156,12 +165,20 @@ def check_class_count(data_dir: str, paths: Sequence[str], num_classes: int) -> 
         )
 
 
-def read_image(path: str) -> Image.Image:
-    """
-    Decode an image file fully into an RGB PIL image.
+def image_mode(image_channels: int) -> str:
+    """The PIL mode of ``--image_channels``: 1 "L", 2 "LA", 3 "RGB", 4 "RGBA"."""
+    if image_channels not in IMAGE_MODES:
+        raise UserError(f"--image_channels {image_channels}: expected 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA)")
+    return IMAGE_MODES[image_channels]
 
-    Grayscale, palette, alpha (dropped, as the original does) and 16-bit images are converted
-    properly (16-bit values are scaled to 8 bits, not clipped). Images larger than
+
+def read_image(path: str, mode: str = "RGB") -> Image.Image:
+    """
+    Decode an image file fully into a PIL image of ``mode`` (default RGB, as the original).
+
+    Grayscale, palette, alpha (dropped for RGB, as the original does) and 16-bit images are
+    converted properly (16-bit values are scaled to 8 bits, not clipped); colour becomes grey
+    by PIL's ITU-R 601 luma for mode "L". Images larger than
     ``PIL.Image.MAX_IMAGE_PIXELS`` are refused rather than only warned about.
 
     :raises UserError: naming ``path`` for an unreadable, truncated, empty or too large file.
@@ -182,10 +199,10 @@ def read_image(path: str) -> Image.Image:
         if os.path.exists(path) and os.path.getsize(path) == 0:
             reason = "the file is empty (0 bytes)"
         raise UserError(f"could not read image {path}: {reason}") from exc
-    return _to_rgb(image)
+    return _to_mode(image, mode)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def _to_mode(image: Image.Image, mode: str) -> Image.Image:
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
         # 16-bit grayscale (PNG): Pillow's convert("RGB") would clip at 255, so scale instead.
         values = np.asarray(image, dtype=np.float64)
@@ -195,24 +212,25 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L")
     elif image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
-    return image.convert("RGB")
+    return image.convert(mode)
 
 
 def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
     """
-    Resize and centre-crop an RGB image as the original does.
+    Resize and centre-crop an image as the original does.
 
     Halve with a box filter while the shorter side is at least ``2 * image_size``, then scale
     with bicubic resampling so the shorter side is ``image_size`` (this also enlarges small
     images), then crop the centre square.
 
-    :return: (image_size, image_size, 3) uint8 array.
+    :return: (image_size, image_size, C) uint8 array, C the image's channels.
     """
     while min(*image.size) >= 2 * image_size:
         image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
     scale = image_size / min(*image.size)
     image = image.resize(tuple(max(image_size, round(x * scale)) for x in image.size), resample=Image.BICUBIC)
     arr = np.asarray(image)
+    arr = arr[:, :, None] if arr.ndim == 2 else arr  # one-band modes: (H, W) -> (H, W, 1)
     crop_y = (arr.shape[0] - image_size) // 2
     crop_x = (arr.shape[1] - image_size) // 2
     return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
@@ -236,13 +254,21 @@ class _LoadError:
 
 class ImageDataset(torch.utils.data.Dataset):
     """
-    Images of one shard; item ``(i, flip)`` is a (3, H, W) float32 array in ``[-1, 1]`` and
-    its class (or -1), or a :class:`_LoadError` for an unreadable file.
+    Images of one shard; item ``(i, flip)`` is a (C, H, W) float32 array in ``[-1, 1]`` and
+    its class (or -1), or a :class:`_LoadError` for an unreadable file. ``mode`` is the PIL
+    mode every file is converted to (C = its number of bands).
     """
 
-    def __init__(self, resolution: int, image_paths: Sequence[str], classes: Optional[Sequence[int]] = None):
+    def __init__(
+        self,
+        resolution: int,
+        image_paths: Sequence[str],
+        classes: Optional[Sequence[int]] = None,
+        mode: str = "RGB",
+    ):
         super().__init__()
         self.resolution = resolution
+        self.mode = mode
         self.local_images = list(image_paths)
         self.local_classes = None if classes is None else list(classes)
 
@@ -252,7 +278,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, item: Tuple[int, bool]) -> Any:
         idx, flip = item
         try:
-            arr = center_crop_arr(read_image(self.local_images[idx]), self.resolution)
+            arr = center_crop_arr(read_image(self.local_images[idx], self.mode), self.resolution)
         except UserError as exc:
             return _LoadError(str(exc))
         if flip:
@@ -332,7 +358,7 @@ class SuperResLoader:
 
 def load_superres_data(*, large_size: int, small_size: int, **kwargs: Any) -> SuperResLoader:
     """
-    :func:`load_data` at ``large_size`` plus ``model_kwargs["low_res"]``: (N, 3, small_size,
+    :func:`load_data` at ``large_size`` plus ``model_kwargs["low_res"]``: (N, C, small_size,
     small_size) area-downsampled copies of the batch. Other arguments as :func:`load_data`.
     """
     return SuperResLoader(load_data(image_size=large_size, **kwargs), small_size)

@@ -19,6 +19,7 @@ from . import gaussian_diffusion as gd
 from .errors import UserError
 from .fileio import atomic_save_json
 from .flags import speed_defaults
+from .image_datasets import image_mode
 from .nn import AUTO, SpeedSettings
 from .presets import get_preset, preset_flags
 from .respace import SpacedDiffusion, space_timesteps
@@ -57,6 +58,7 @@ _UNET_FLAGS = (
     "use_fp16",
     "num_classes",
     "class_dropout_prob",
+    "image_channels",
 )
 # The noised classifier's fixed settings in guided-diffusion's factory [ADM §4].
 CLASSIFIER_HEAD_CHANNELS = 64
@@ -71,6 +73,7 @@ _DIFFUSION_FLAGS = {
     "rescale_timesteps": "rescale_timesteps",
     "rescale_learned_sigmas": "rescale_learned_sigmas",
     "timestep_respacing": "timestep_respacing",
+    "snr_gamma": "snr_gamma",
 }
 
 
@@ -99,8 +102,8 @@ def _pick(values: Mapping[str, Any], names: Iterable[str]) -> Dict[str, Any]:
 
 
 def _diffusion_from_flags(values: Mapping[str, Any]) -> SpacedDiffusion:
-    """The diffusion of a factory's flags (``sigma_small`` False where the factory has none)."""
-    kwargs = {key: values.get(flag, False) for flag, key in _DIFFUSION_FLAGS.items()}
+    """The diffusion of a factory's flags (those it lacks, e.g. ``sigma_small``, keep their defaults)."""
+    kwargs = {key: values[flag] for flag, key in _DIFFUSION_FLAGS.items() if flag in values}
     return create_gaussian_diffusion(**kwargs)
 
 
@@ -131,6 +134,8 @@ def create_model_and_diffusion(
     use_fp16: bool = False,
     num_classes: int = NUM_CLASSES,
     class_dropout_prob: float = 0.0,
+    image_channels: int = 3,
+    snr_gamma: float = 0.0,
     speed: Optional[SpeedSettings] = None,
 ) -> Tuple[UNetModel, SpacedDiffusion]:
     """Build the UNet and the (respaced) diffusion from the MODEL / DIFFUSION flags."""
@@ -165,10 +170,11 @@ def create_model(
     use_fp16: bool = False,
     num_classes: int = NUM_CLASSES,
     class_dropout_prob: float = 0.0,
+    image_channels: int = 3,
     speed: Optional[SpeedSettings] = None,
 ) -> UNetModel:
     """
-    Build the attention UNet of [IDDPM App. A] from flags (3 input channels, 3 or 6 output).
+    Build the attention UNet of [IDDPM App. A] from flags (``image_channels`` C in, C or 2C out).
 
     :param speed: the network's speed settings (default: the fastest exact-enough path,
         :class:`~improved_diffusion.nn.SpeedSettings`).
@@ -191,10 +197,12 @@ def _build_unet(
     if not 0.0 <= v["dropout"] < 1.0:
         raise UserError(f"--dropout {v['dropout']}: must be in [0, 1)")
     _check_label_flags(v["class_cond"], v["num_classes"], v["class_dropout_prob"])
+    channels = v["image_channels"]
+    image_mode(channels)  # an unsupported channel count is a UserError naming --image_channels
     return cls(
-        in_channels=3,
+        in_channels=channels,
         model_channels=v["num_channels"],
-        out_channels=(3 if not v["learn_sigma"] else 6),
+        out_channels=channels * (2 if v["learn_sigma"] else 1),
         num_res_blocks=v["num_res_blocks"],
         attention_resolutions=attention_downsample_factors(v["attention_resolutions"], size),
         dropout=v["dropout"],
@@ -258,6 +266,8 @@ def sr_create_model_and_diffusion(
     use_fp16: bool = False,
     num_classes: int = NUM_CLASSES,
     class_dropout_prob: float = 0.0,
+    image_channels: int = 3,
+    snr_gamma: float = 0.0,
     speed: Optional[SpeedSettings] = None,
 ) -> Tuple[SuperResModel, SpacedDiffusion]:
     """Build the super-resolution UNet and its diffusion from the super-resolution flags."""
@@ -286,6 +296,7 @@ def sr_create_model(
     use_fp16: bool = False,
     num_classes: int = NUM_CLASSES,
     class_dropout_prob: float = 0.0,
+    image_channels: int = 3,
     speed: Optional[SpeedSettings] = None,
 ) -> SuperResModel:
     """Build the super-resolution UNet (low-resolution input upsampled and concatenated)."""
@@ -354,17 +365,8 @@ def create_classifier_and_diffusion(
     sigma_small: bool = False,
 ) -> Tuple[EncoderUNetModel, SpacedDiffusion]:
     """Build the noised classifier and the diffusion whose x_t it classifies (guided-diffusion's factory)."""
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        sigma_small=sigma_small,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-    )
+    values = locals()
+    diffusion = _diffusion_from_flags(values)
     classifier = create_classifier(
         image_size,
         classifier_use_fp16,
@@ -389,6 +391,7 @@ def create_gaussian_diffusion(
     rescale_timesteps: bool = False,
     rescale_learned_sigmas: bool = False,
     timestep_respacing: str = "",
+    snr_gamma: float = 0.0,
 ) -> SpacedDiffusion:
     """
     Map the diffusion flags to a :class:`SpacedDiffusion` (always the respacing subclass; an
@@ -421,6 +424,7 @@ def create_gaussian_diffusion(
         ),
         loss_type=loss_type,
         rescale_timesteps=rescale_timesteps,
+        snr_gamma=snr_gamma,
     )
 
 

@@ -138,7 +138,7 @@ def run_training(
 
 def _loader_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     """The data-loader arguments both training scripts take from their TRAIN/MODEL flags."""
-    keys = ("data_dir", "batch_size", "class_cond", "random_flip", "num_workers", "seed")
+    keys = ("data_dir", "batch_size", "class_cond", "random_flip", "num_workers", "seed", "image_channels")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -173,7 +173,7 @@ def train_main(script: str, doc: str, argv: Optional[Sequence[str]] = None) -> N
     keys = list(defaults_fn())
 
     def build() -> Tuple[torch.nn.Module, Any]:
-        return create_fn(**args_to_dict(args, keys), speed=speed_from_args(args))
+        return create_fn(**args_to_dict(args, keys), snr_gamma=args.snr_gamma, speed=speed_from_args(args))
 
     stop_signal = run_training(args, build, lambda: make_data(args))
     if stop_signal:

@@ -58,7 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             diffusion,
             num_samples=args.num_samples,
             batch_size=args.batch_size,
-            image_shape=(3, args.image_size, args.image_size),
+            image_shape=(args.image_channels, args.image_size, args.image_size),
             seed=args.seed,
             sampler=args.sampler,
             eta=args.eta,

@@ -40,7 +40,8 @@ LABEL_DEFAULTS = dict(num_classes=1000, class_dropout_prob=0.0)
 
 
 def test_defaults_are_the_originals_plus_channel_mult_adm_and_label_flags():
-    assert model_and_diffusion_defaults() == dict(ORIGINAL_DEFAULTS, channel_mult="", **ADM_DEFAULTS, **LABEL_DEFAULTS)
+    expected = dict(ORIGINAL_DEFAULTS, channel_mult="", image_channels=3, **ADM_DEFAULTS, **LABEL_DEFAULTS)
+    assert model_and_diffusion_defaults() == expected
 
 
 def test_every_script_has_the_speed_flags():
@@ -59,7 +60,7 @@ def test_every_script_has_the_speed_flags():
 def test_super_res_defaults_drop_image_size_and_sigma_small():
     expected = {k: v for k, v in ORIGINAL_DEFAULTS.items() if k not in ("image_size", "sigma_small")}
     assert sr_model_and_diffusion_defaults() == dict(
-        expected, large_size=256, small_size=64, channel_mult="", **ADM_DEFAULTS, **LABEL_DEFAULTS
+        expected, large_size=256, small_size=64, channel_mult="", image_channels=3, **ADM_DEFAULTS, **LABEL_DEFAULTS
     )
 
 
