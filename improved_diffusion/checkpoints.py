@@ -443,7 +443,10 @@ def newest_complete_checkpoint(folder: str, ema_rates: Sequence[float]) -> Optio
 
 
 def get_rng_state() -> Dict[str, Any]:
-    """torch (CPU and CUDA), NumPy and Python generator states as tensors and plain numbers."""
+    """
+    torch (CPU and this rank's CUDA device), NumPy and Python generator states as tensors and
+    plain numbers; ``"cuda"`` is the generator of ``dist_util.dev()`` alone (every rank saves its own).
+    """
     _, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     state = {
@@ -456,21 +459,34 @@ def get_rng_state() -> Dict[str, Any]:
         },
         "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if dist_util.dev().type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(dist_util.dev())
     return state
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
-    """Restore :func:`get_rng_state` (CUDA states only when this machine has the same GPUs)."""
+    """Restore :func:`get_rng_state`; a CUDA generator state that cannot be restored is logged."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     keys = n["keys"].numpy().astype(np.uint32)
     np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    _set_cuda_rng_state(state.get("cuda"))
+
+
+def _set_cuda_rng_state(saved: Any) -> None:
+    """This rank's CUDA generator from a checkpoint: one state (or, from older checkpoints, one per GPU)."""
+    device = dist_util.dev()
+    if isinstance(saved, (list, tuple)):  # older checkpoints: get_rng_state_all(), one per visible GPU
+        index = device.index or 0
+        saved = saved[index] if index < len(saved) else None
+    if saved is None and device.type == "cuda":
+        logger.log("resume: the checkpoint holds no CUDA generator state (saved without a GPU); it starts afresh")
+    elif saved is not None and device.type != "cuda":
+        logger.log("resume: the checkpoint's CUDA generator state is not restored: no GPU here")
+    elif saved is not None:
+        torch.cuda.set_rng_state(saved, device)
 
 
 def get_sampler_state(sampler: Any) -> Dict[str, Any]:

@@ -184,6 +184,7 @@ TRAIN = FlagGroup(
         Flag("num_workers", 0, "image-decoding worker processes", new=True),
         Flag("channels_last", False, "feed the network channels-last tensors (faster on GPUs)", new=True),
         Flag("compile", False, "run the network through torch.compile", new=True),
+        Flag("deterministic", False, "deterministic GPU kernels: runs and resumes repeat bit for bit", new=True),
     ),
 )
 

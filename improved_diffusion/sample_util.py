@@ -16,8 +16,10 @@ reseeded from ``(seed, rank, batch index)`` before every batch. Hence:
 - ancestral sampling and DDIM with ``eta > 0`` repeat exactly for the same seed, batch size and
   number of processes.
 
-Samples are numbered globally: rank ``r`` of ``n`` takes samples ``r, r + n, ...`` and rank 0
-gathers them back into index order, so the archive's order does not depend on ``n`` either.
+Samples are numbered globally: rank ``r`` of ``n`` takes samples ``r, r + n, ...``; after each
+batch rank 0 alone receives every rank's batch (as uint8 on the host) and finally puts them in
+index order, so the archive's order does not depend on ``n`` either, and no rank but rank 0 ever
+holds more than one batch.
 """
 
 import argparse
@@ -37,7 +39,7 @@ from .errors import UserError
 from .fileio import atomic_save_json, atomic_save_npz
 from .flags import sampling_defaults  # noqa: F401  (importable from here, as before)
 from .image_utils import save_sample_grid, to_uint8_nhwc
-from .precision import AUTO, MixedPrecision, ModelCall, native_bf16
+from .precision import AUTO, MixedPrecision, ModelCall, native_bf16, set_cuda_math
 from .samplers import ANCESTRAL, classifier_free_guidance, network_evaluations, resolve_sampler, sample_loop
 from .script_util import ARGS_JSON, NUM_CLASSES, args_to_dict, save_args_json, speed_from_args
 
@@ -204,6 +206,7 @@ def model_session(
     with dist_util.abort_on_error():
         logger.configure(dir=args.log_dir or None)
         logger.log(model.speed.summary())
+        logger.log(set_cuda_math())  # float32 sampling is float32 (no TF32)
         log_saved_flags(taken, args.model_path, argv)
         logger.log(f"loading {args.model_path}...")
         load_checkpoint(model, args, keys)
@@ -297,27 +300,27 @@ def sample_images(
     rank = dist_util.get_rank()
     show = progress and rank == 0
     indices = rank_indices(num_samples)
-    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-    images, kwargs_parts = [], []
-    for batch_index, batch in enumerate(_progress(batches, show, "batches")):
+    # Every rank takes part in as many gathers as rank 0 (which has the most samples) has batches.
+    num_batches = -(-len(range(0, num_samples, dist_util.get_world_size())) // batch_size)
+    parts: List[Dict[str, np.ndarray]] = []
+    for batch_index in _progress(range(num_batches), show, "batches"):
+        batch = indices[batch_index * batch_size : (batch_index + 1) * batch_size]
         generators = sample_generators(seed, batch, script)
-        noise = torch.stack([torch.randn(image_shape, generator=g) for g in generators])  # (B, C, H, W)
         model_kwargs = kwargs_fn(batch, generators) if kwargs_fn is not None else {}
-        # Step noise: the diffusion draws it from the global RNG (see the module docstring).
-        torch.manual_seed(derive_seed(seed, script, _STEP_STREAM, rank, batch_index))
-        sample = _run_loop(model, diffusion, noise, model_kwargs, sampler, eta, clip_denoised, show, cond_fn)
-        images.append(torch.from_numpy(to_uint8_nhwc(sample)))
-        kwargs_parts.append({k: v.cpu() for k, v in model_kwargs.items() if k in gather_keys})
-    if not batches and kwargs_fn is not None:
-        # A rank with no samples still takes part in every gather, with empty tensors.
-        kwargs_parts.append({k: v for k, v in kwargs_fn(indices, []).items() if k in gather_keys})
-    c, h, w = image_shape
-    local = {"images": torch.cat(images) if images else torch.zeros((0, h, w, c), dtype=torch.uint8)}
-    for key in kwargs_parts[0] if kwargs_parts else ():
-        local[key] = torch.cat([part[key] for part in kwargs_parts])
-    gathered = _gather_in_order(local, torch.from_numpy(indices), num_samples)
-    if gathered is None:
+        local = {"index": batch, **{k: v.cpu().numpy() for k, v in model_kwargs.items() if k in gather_keys}}
+        if len(batch):
+            noise = torch.stack([torch.randn(image_shape, generator=g) for g in generators])
+            # Step noise: the diffusion draws it from the global RNG (see the module docstring).
+            torch.manual_seed(derive_seed(seed, script, _STEP_STREAM, rank, batch_index))
+            sample = _run_loop(model, diffusion, noise, model_kwargs, sampler, eta, clip_denoised, show, cond_fn)
+            local["images"] = to_uint8_nhwc(sample)
+        else:  # a rank with fewer samples still takes part in every gather
+            c, h, w = image_shape
+            local["images"] = np.zeros((0, h, w, c), dtype=np.uint8)
+        parts += dist_util.gather_to_rank0(local) or []
+    if rank != 0:
         return None, {}
+    gathered = _in_index_order(parts, num_samples)
     return gathered.pop("images"), gathered
 
 
@@ -373,26 +376,21 @@ def classifier_cond_fn(classifier: Callable[..., torch.Tensor], classifier_scale
     return cond_fn
 
 
-def _gather_in_order(
-    local: Dict[str, torch.Tensor], index: torch.Tensor, num_samples: int
-) -> Optional[Dict[str, np.ndarray]]:
+def _in_index_order(parts: Sequence[Dict[str, np.ndarray]], num_samples: int) -> Dict[str, np.ndarray]:
     """
-    Gather per-sample tensors from every rank and put each row at its global sample index.
+    Put the rows of gathered batches at their global sample index.
 
-    :param local: this rank's (n_r, ...) tensors.
-    :param index: (n_r,) int64 global indices of those rows.
-    :return: on rank 0 the (num_samples, ...) arrays under the same keys; None elsewhere.
+    :param parts: per batch and rank, ``"index"`` (n,) int64 global indices and (n, ...) arrays.
+    :return: the (num_samples, ...) arrays under the same keys, ``"index"`` left out.
     """
-    order = torch.cat(dist_util.all_gather_tensors(index)).numpy()
-    parts = {key: dist_util.all_gather_tensors(value) for key, value in local.items()}
-    if dist_util.get_rank() != 0:
-        return None
+    order = np.concatenate([part["index"] for part in parts])
     assert sorted(order.tolist()) == list(range(num_samples))
     out = {}
-    for key, tensors in parts.items():
-        values = torch.cat(tensors).numpy()
-        out[key] = np.empty_like(values)
-        out[key][order] = values
+    for key in parts[0] if parts else ():
+        if key != "index":
+            values = np.concatenate([part[key] for part in parts])
+            out[key] = np.empty_like(values)
+            out[key][order] = values
     return out
 
 

@@ -629,3 +629,40 @@ def test_classifier_free_guidance_follows_the_label(tmp_path):
     print("classifier-free guidance, (requested-class rate, class-1 share) per w:", rates)
     assert rates[3][0] >= 0.9, rates  # the requested class at w = 3
     assert 0.2 <= rates[0][1] <= 0.8, rates  # mixed classes at w = 0
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_samples_are_gathered_per_batch_to_rank_0_only(monkeypatch, rank):
+    """Rank 1 of 2 never receives samples; each gather carries at most one batch per rank."""
+    from improved_diffusion import dist_util, sample_util
+    from improved_diffusion.script_util import create_gaussian_diffusion
+
+    other = 1 - rank
+    sent = []
+
+    def gather_to_rank0(obj):
+        sent.append(len(obj["index"]))
+        if rank != 0:
+            return None
+        theirs = np.arange(other, 5, 2)[len(sent) * 2 - 2 : len(sent) * 2]  # the other rank's batch
+        fake = {"index": theirs, "images": np.zeros((len(theirs), 4, 4, 3), np.uint8)}
+        return [obj, fake] if rank == 0 else [fake, obj]
+
+    monkeypatch.setattr(dist_util, "get_rank", lambda: rank)
+    monkeypatch.setattr(dist_util, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist_util, "gather_to_rank0", gather_to_rank0)
+    diffusion = create_gaussian_diffusion(steps=2, noise_schedule="cosine")
+    images, _ = sample_util.sample_images(
+        lambda x, t, **kw: torch.zeros_like(x),
+        diffusion,
+        num_samples=5,
+        batch_size=2,
+        image_shape=(3, 4, 4),
+        seed=0,
+        progress=False,
+    )
+    # Rank 0 holds samples 0, 2, 4 (batches of 2 and 1), rank 1 samples 1, 3 (one batch, then an empty one).
+    assert sent == ([2, 1] if rank == 0 else [2, 0])
+    assert (images is None) == (rank == 1)
+    if rank == 0:
+        assert images.shape == (5, 4, 4, 3) and images.dtype == np.uint8

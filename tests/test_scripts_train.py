@@ -21,7 +21,7 @@ import torch.distributed as dist
 from PIL import Image
 from script_loader import load_script
 
-from improved_diffusion import dist_util, fileio, logger
+from improved_diffusion import dist_util, fileio, logger, train_util
 from improved_diffusion.errors import run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,8 +50,17 @@ def isolated(tmp_path, monkeypatch):
     """
     monkeypatch.setenv("OPENAI_LOG_FORMAT", "log,csv")
     had_group = dist.is_initialized()
+    # main() sets torch's process-wide arithmetic choices (precision.set_cuda_math): put them back.
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    cuda_math = [(torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "deterministic")]
+    cuda_math += [(torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32")]
+    saved = [getattr(owner, name) for owner, name in cuda_math]
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     with logger.scoped_configure(dir=str(tmp_path / "outer_log"), format_strs=[]):
         yield
+    torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+    for (owner, name), value in zip(cuda_math, saved):
+        setattr(owner, name, value)
     if not had_group and dist.is_initialized():
         dist_util.cleanup()
 
@@ -109,6 +118,32 @@ def test_script_resume_is_exact(isolated, image_train, images, tmp_path):
         b = fileio.safe_torch_load(os.path.join(split, name))
         for key in a:
             torch.testing.assert_close(b[key], a[key], **EXACT)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_math_is_set_and_logged(isolated, image_train, images, tmp_path, monkeypatch, deterministic):
+    """fp32 is float32 (no TF32) unless asked; --deterministic adds deterministic kernels and cuBLAS's workspace."""
+    seen = {}
+    real_run_loop = train_util.TrainLoop.run_loop
+
+    def run_loop(self):
+        seen.update(algorithms=torch.are_deterministic_algorithms_enabled(), benchmark=torch.backends.cudnn.benchmark)
+        seen.update(tf32=(torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        seen.update(workspace=os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+        real_run_loop(self)
+
+    monkeypatch.setattr(train_util.TrainLoop, "run_loop", run_loop)
+    log_dir = str(tmp_path / "log")
+    assert _train(image_train, images, log_dir, "--max_steps", "1", "--deterministic", str(deterministic))[0] == 0
+    assert seen == dict(
+        algorithms=deterministic,
+        benchmark=not deterministic,
+        tf32=(False, False),
+        workspace=":4096:8" if deterministic else None,
+    )
+    with open(os.path.join(log_dir, "log.txt")) as f:
+        line = f"cuda math: tf32=False, deterministic={deterministic}, cudnn.benchmark={not deterministic}"
+        assert line in f.read()
 
 
 def test_super_res_train_runs(isolated, images, tmp_path):

@@ -303,8 +303,7 @@ def test_feature_vectors_follow_the_blocks():
     assert features["middle"][0].shape == (1, 64, 4, 4)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cuda_golden_and_fp16_autocast_with_fused_attention():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -320,6 +319,21 @@ def test_cuda_golden_and_fp16_autocast_with_fused_attention():
     torch.testing.assert_close(out.cpu(), data["output"], rtol=0, atol=1e-4)
     assert out16.dtype == torch.float32
     assert (out16 - out).norm() / out.norm() < 1e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["FLASH_ATTENTION", "EFFICIENT_ATTENTION"])
+def test_sdpa_fused_kernels_match_the_plain_formula_on_cuda(dtype, backend):
+    """Each fused kernel alone (no math fallback allowed), against the plain formula in float32."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    qkv = torch.randn(2, 3 * 128, 256, device="cuda")  # (N, 3C, T): 4 heads of 32 channels, 16x16 positions
+    reference = attention(qkv, 4, use_sdpa=False)
+    with sdpa_kernel([getattr(SDPBackend, backend)]):
+        fused = attention(qkv.to(dtype), 4, use_sdpa=True)
+    assert fused.dtype == dtype and fused.shape == reference.shape
+    assert (fused.float() - reference).norm() / reference.norm() < 1e-2
 
 
 def test_superres_feature_vectors_see_low_res():
