@@ -290,6 +290,18 @@ def _flag_hint(
     return hint + (f", {extra}" if extra else "")
 
 
+def _label_table_hint(checkpoint: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor]) -> str:
+    """What a label table of another size means: ``--num_classes`` and the null row of ``--class_dropout_prob``."""
+    ckpt, built = checkpoint.get("label_emb.weight"), model.get("label_emb.weight")
+    if ckpt is None or built is None or ckpt.shape[0] == built.shape[0]:
+        return ""
+    rows = int(ckpt.shape[0])
+    return (
+        f"; the checkpoint's label table has {rows} rows: --num_classes {rows}, or --num_classes {rows - 1} "
+        "with --class_dropout_prob > 0 (its last row the null label of classifier-free guidance)"
+    )
+
+
 def _check_is_state_dict(state_dict: Any, source: str) -> None:
     if not isinstance(state_dict, Mapping) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         keys = ", ".join(map(str, list(state_dict)[:5])) if isinstance(state_dict, Mapping) else ""
@@ -329,6 +341,7 @@ def load_model_state(
     hint = _flag_hint(state_dict, expected, flags)
     if hint:
         message += f"; {hint}"
+    message += _label_table_hint(state_dict, expected)
     first = state_dict.get("input_blocks.0.0.weight")
     if first is not None and first.dim() >= 2 and int(first.shape[1]) == 6 and "large_size" not in (flags or {}):
         message += "; it is a super-resolution model (6 input channels): use the super_res scripts"

@@ -24,7 +24,6 @@ holds more than one batch.
 
 import argparse
 import contextlib
-import functools
 import os
 import shlex
 import sys
@@ -37,11 +36,12 @@ from tqdm.auto import tqdm
 from . import dist_util, logger
 from .checkpoints import load_model_state
 from .errors import UserError
-from .fileio import atomic_save_npz
+from .fileio import atomic_save_json, atomic_save_npz
 from .flags import sampling_defaults  # noqa: F401  (importable from here, as before)
 from .image_utils import save_sample_grid, to_uint8_nhwc
 from .precision import AUTO, MixedPrecision, ModelCall, native_bf16, set_cuda_math
-from .script_util import NUM_CLASSES, args_to_dict, speed_from_args
+from .samplers import ANCESTRAL, classifier_free_guidance, network_evaluations, resolve_sampler, sample_loop
+from .script_util import ARGS_JSON, NUM_CLASSES, args_to_dict, save_args_json, speed_from_args
 
 # Tags keep the seed streams of start noise and step noise apart.
 _SAMPLE_STREAM = 0
@@ -68,8 +68,80 @@ def validate_sampling_args(args: argparse.Namespace) -> None:
         raise UserError(f"--num_grid {args.num_grid}: must be 0 (no grid) or a positive integer")
     if args.eta < 0:
         raise UserError(f"--eta {args.eta}: DDIM eta must be >= 0 (0 = deterministic)")
-    if args.eta != 0 and not args.use_ddim:
-        raise UserError(f"--eta {args.eta} only applies to DDIM sampling: add --use_ddim True")
+    if args.eta != 0 and resolve_sampler(args.sampler, args.use_ddim) != "ddim":
+        raise UserError(f"--eta {args.eta} only applies to DDIM sampling: add --sampler ddim (or --use_ddim True)")
+    if not args.guidance_scale >= 0 or args.guidance_scale == float("inf"):
+        raise UserError(f"--guidance_scale {args.guidance_scale}: must be a finite number >= 0 (1: no guidance)")
+
+
+def check_sampler_flags(args: argparse.Namespace, diffusion: Any, model: torch.nn.Module) -> int:
+    """
+    Resolve ``--sampler`` (``--use_ddim True`` means ``ddim``) into ``args.sampler`` and check
+    it against the diffusion's (respaced) steps, and ``--guidance_scale`` against the model.
+
+    :return: the number of network evaluations (NFE) per sample.
+    """
+    args.sampler = resolve_sampler(args.sampler, args.use_ddim)
+    check_guidance(args.guidance_scale, model)
+    return network_evaluations(args.sampler, diffusion.num_timesteps)
+
+
+def check_guidance(guidance_scale: float, model: torch.nn.Module) -> None:
+    """
+    Classifier-free guidance (any ``--guidance_scale`` but 1) needs a null label: a label table
+    of ``num_classes + 1`` rows, i.e. a model trained with ``--class_dropout_prob > 0``. The
+    model is built from the flags and loads its checkpoint strictly, so its table is the
+    checkpoint's.
+    """
+    if guidance_scale == 1.0:
+        return
+    label_emb = getattr(model, "label_emb", None)
+    if label_emb is None:
+        raise UserError(
+            f"--guidance_scale {guidance_scale}: classifier-free guidance needs a class-conditional model trained "
+            "with --class_dropout_prob > 0; this one is unconditional (--class_cond False)"
+        )
+    rows = label_emb.weight.shape[0]
+    if rows != model.num_classes + 1:
+        raise UserError(
+            f"--guidance_scale {guidance_scale}: classifier-free guidance needs a model trained with "
+            f"--class_dropout_prob > 0, whose label table has a null row; this one has {rows} rows = --num_classes "
+            f"{model.num_classes} (--class_dropout_prob 0; pass the training value if args.json is missing)"
+        )
+
+
+def guided(model_fn: Callable[..., torch.Tensor], model: torch.nn.Module, guidance_scale: float) -> Callable:
+    """
+    ``model_fn`` (the model, maybe under autocast) with classifier-free guidance at ``guidance_scale``
+    [CFG Eq. 6] (:func:`.samplers.classifier_free_guidance`); unchanged at 1. Checked by :func:`check_guidance`.
+    """
+    check_guidance(guidance_scale, model)
+    if guidance_scale == 1.0:
+        return model_fn
+    logger.log(
+        f"--guidance_scale {guidance_scale}: classifier-free guidance, each network evaluation one pass of "
+        "the conditional and unconditional halves (twice the batch)"
+    )
+    return classifier_free_guidance(model_fn, guidance_scale, null_label=model.null_label)
+
+
+def save_sampling_args(args: argparse.Namespace, nfe: int) -> str:
+    """
+    Write every flag plus ``nfe`` (network evaluations per sample) as ``args.json`` beside the
+    ``.npz`` in the log folder; ``sample_args.json`` if that folder holds the checkpoint, whose
+    training ``args.json`` it must not replace. Call on rank 0 only.
+
+    :return: the path written.
+    """
+    folder = logger.get_dir()
+    record = argparse.Namespace(**vars(args), nfe=nfe)
+    checkpoint_folder = os.path.dirname(os.path.abspath(args.model_path))
+    if os.path.abspath(folder) != checkpoint_folder:
+        return save_args_json(record, folder)
+    path = os.path.join(folder, "sample_" + ARGS_JSON)
+    atomic_save_json(vars(record), path)
+    logger.log(f"the log folder holds the checkpoint and its {ARGS_JSON}: sampling flags saved as {path}")
+    return path
 
 
 def require_model_path(args: argparse.Namespace) -> None:
@@ -199,6 +271,7 @@ def sample_images(
     seed: int,
     use_ddim: bool = False,
     eta: float = 0.0,
+    sampler: str = ANCESTRAL,
     clip_denoised: bool = True,
     kwargs_fn: Optional[KwargsFn] = None,
     gather_keys: Sequence[str] = ("y",),
@@ -210,6 +283,8 @@ def sample_images(
     Draw ``num_samples`` images, split over the ranks, with per-sample seeded start noise.
 
     :param image_shape: ``(C, H, W)`` of one sample.
+    :param sampler: one of :data:`.samplers.SAMPLERS` (``use_ddim=True`` means ``"ddim"``);
+        the diffusion's (respaced) steps decide where the model is evaluated.
     :param kwargs_fn: called per batch with the batch's global indices and their generators
         (already used for x_T) and returns the model kwargs, e.g. ``{"y": (B,) int64}``.
     :param gather_keys: the model kwargs to return with the images (labels; not ``low_res``).
@@ -219,6 +294,9 @@ def sample_images(
         kwargs in ``gather_keys``, gathered the same way, as NumPy arrays; on other ranks
         ``(None, {})``.
     """
+    sampler = resolve_sampler(sampler, use_ddim)
+    nfe = network_evaluations(sampler, diffusion.num_timesteps)
+    logger.log(f"sampler {sampler}: {diffusion.num_timesteps} steps, {nfe} network evaluations per sample (NFE)")
     rank = dist_util.get_rank()
     show = progress and rank == 0
     indices = rank_indices(num_samples)
@@ -234,7 +312,7 @@ def sample_images(
             noise = torch.stack([torch.randn(image_shape, generator=g) for g in generators])
             # Step noise: the diffusion draws it from the global RNG (see the module docstring).
             torch.manual_seed(derive_seed(seed, script, _STEP_STREAM, rank, batch_index))
-            sample = _run_loop(model, diffusion, noise, model_kwargs, use_ddim, eta, clip_denoised, show, cond_fn)
+            sample = _run_loop(model, diffusion, noise, model_kwargs, sampler, eta, clip_denoised, show, cond_fn)
             local["images"] = to_uint8_nhwc(sample)
         else:  # a rank with fewer samples still takes part in every gather
             c, h, w = image_shape
@@ -251,19 +329,21 @@ def _run_loop(
     diffusion: Any,
     noise: torch.Tensor,
     model_kwargs: Dict[str, torch.Tensor],
-    use_ddim: bool,
+    sampler: str,
     eta: float,
     clip_denoised: bool,
     progress: bool,
     cond_fn: Optional[Callable[..., torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """One batch through the ancestral or DDIM loop, from x_T = ``noise`` (B, C, H, W)."""
+    """One batch through the ``sampler``'s loop (:func:`.samplers.sample_loop`), from x_T = ``noise`` (B, C, H, W)."""
     device = dist_util.dev()
-    loop = functools.partial(diffusion.ddim_sample_loop, eta=eta) if use_ddim else diffusion.p_sample_loop
     with torch.no_grad():
-        return loop(
+        return sample_loop(
+            diffusion,
             model,
             tuple(noise.shape),
+            sampler=sampler,
+            eta=eta,
             noise=noise.to(device),
             clip_denoised=clip_denoised,
             model_kwargs={k: v.to(device) for k, v in model_kwargs.items()},
@@ -350,9 +430,9 @@ def save_samples(
     return path
 
 
-def parse_class_labels(text: str, class_cond: bool) -> Optional[List[int]]:
+def parse_class_labels(text: str, class_cond: bool, num_classes: int = NUM_CLASSES) -> Optional[List[int]]:
     """
-    Parse ``--class_labels "0,1,2"`` (cycled over the samples); each in ``[0, NUM_CLASSES)``.
+    Parse ``--class_labels "0,1,2"`` (cycled over the samples); each in ``[0, num_classes)``.
 
     :return: the labels, or None when the flag is empty.
     """
@@ -366,32 +446,36 @@ def parse_class_labels(text: str, class_cond: bool) -> Optional[List[int]]:
             label = int(part.strip())
         except ValueError:
             raise UserError(f"--class_labels {text!r}: expected a comma list of integers like 0,1,2") from None
-        if not 0 <= label < NUM_CLASSES:
-            raise UserError(f"--class_labels {text!r}: label {label} is outside [0, {NUM_CLASSES})")
+        if not 0 <= label < num_classes:
+            raise UserError(f"--class_labels {text!r}: label {label} is outside [0, {num_classes}) (--num_classes)")
         labels.append(label)
     return labels
 
 
 def labels_for(
-    indices: np.ndarray, generators: List[torch.Generator], class_labels: Optional[List[int]]
+    indices: np.ndarray,
+    generators: List[torch.Generator],
+    class_labels: Optional[List[int]],
+    num_classes: int = NUM_CLASSES,
 ) -> torch.Tensor:
     """
     Class labels of the samples ``indices``: ``class_labels`` cycled by global index, else a
-    uniform random label drawn from each sample's own generator (after its start noise).
+    uniform random label in ``[0, num_classes)`` drawn from each sample's own generator (after
+    its start noise).
 
     :return: (B,) int64.
     """
     if class_labels is not None:
         return torch.tensor([class_labels[int(i) % len(class_labels)] for i in indices], dtype=torch.int64)
     return torch.cat(
-        [torch.randint(0, NUM_CLASSES, (1,), generator=g) for g in generators] + [torch.zeros(0, dtype=torch.int64)]
+        [torch.randint(0, num_classes, (1,), generator=g) for g in generators] + [torch.zeros(0, dtype=torch.int64)]
     )
 
 
-def class_label_kwargs(class_labels: Optional[List[int]]) -> KwargsFn:
+def class_label_kwargs(class_labels: Optional[List[int]], num_classes: int = NUM_CLASSES) -> KwargsFn:
     """The ``kwargs_fn`` of a class-conditional model: ``{"y": labels_for(...)}``."""
 
     def kwargs_fn(indices: np.ndarray, generators: List[torch.Generator]) -> Dict[str, torch.Tensor]:
-        return {"y": labels_for(indices, generators, class_labels)}
+        return {"y": labels_for(indices, generators, class_labels, num_classes)}
 
     return kwargs_fn

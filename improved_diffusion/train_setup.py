@@ -15,7 +15,7 @@ import torch
 from . import dist_util, logger
 from .errors import UserError
 from .flags import training_defaults  # noqa: F401  (importable from here, as before)
-from .image_datasets import check_enough_images, list_image_files, load_data, load_superres_data
+from .image_datasets import check_class_count, check_enough_images, list_image_files, load_data, load_superres_data
 from .precision import check_precision_flags, set_cuda_math
 from .resample import SCHEDULE_SAMPLERS, create_named_schedule_sampler
 from .script_util import (
@@ -108,7 +108,10 @@ def run_training(
     """
     validate_training_args(args)
     # Before any process group exists, so that every rank stops alike and rank 0 reports once.
-    check_enough_images(args.data_dir, len(list_image_files(args.data_dir)), dist_util.detect_launch().world_size)
+    files = list_image_files(args.data_dir)
+    check_enough_images(args.data_dir, len(files), dist_util.detect_launch().world_size)
+    if args.class_cond:
+        check_class_count(args.data_dir, files, args.num_classes)
     seed_everything(args.seed)  # the same initial weights on every rank
     cuda_math = set_cuda_math(args.deterministic)  # before CUDA starts: cuBLAS reads its workspace setting once
     model, diffusion = build()

@@ -181,6 +181,11 @@ def test_low_res_is_area_downsampled(images):
         (["--resume_checkpoint", "latest"], r"error: --resume_checkpoint 'latest'"),
         (["--noise_schedule", "quadratic"], r"error: .*quadratic"),
         (["--num_channels", "16"], r"error: --num_channels"),
+        (
+            ["--class_cond", "True", "--num_classes", "1"],
+            r"error: --data_dir .* has 2 classes \(file-name prefixes\), more than --num_classes 1: pass --num_c",
+        ),
+        (["--class_dropout_prob", "0.1"], r"error: --class_dropout_prob 0.1 drops class labels: it needs a class-co"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(isolated, image_train, images, tmp_path, capsys, argv, message):
