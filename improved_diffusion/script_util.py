@@ -21,7 +21,7 @@ from .fileio import atomic_save_json
 from .flags import speed_defaults
 from .image_datasets import image_mode
 from .nn import AUTO, SpeedSettings
-from .presets import get_preset, preset_flags
+from .presets import apply_preset_argv, get_preset, preset_flags
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import (  # noqa: F401  (the tables and parsers stay importable from here)
     CHANNEL_MULTS,
@@ -436,7 +436,16 @@ class FlagParser(argparse.ArgumentParser):
     """
     ``argparse.ArgumentParser`` whose errors are one line (``error: argument --x: ...``, exit 2)
     instead of the whole usage block; ``--help`` is unchanged. Every script uses it.
+
+    ``--preset NAME`` (a released checkpoint's flags, :mod:`.presets`) expands before parsing
+    into the preset's flags this parser knows, placed first so flags given on the command line
+    win; ``--preset list`` prints the presets and exits.
     """
+
+    def parse_known_args(self, args: Optional[Sequence[str]] = None, namespace: Any = None) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        argv = apply_preset_argv(argv, [action.dest for action in self._actions])
+        return super().parse_known_args(argv, namespace)
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"error: {message} (see --help)\n")
@@ -475,7 +484,14 @@ def script_parser(script: str, doc: str) -> FlagParser:
     :param script: e.g. ``"image_train"``.
     :param doc: the script's module docstring; its first line is the description.
     """
-    parser = FlagParser(description=doc.strip().splitlines()[0], usage="%(prog)s [--FLAG VALUE ...]")
+    parser = FlagParser(description=doc.strip().splitlines()[0], usage="%(prog)s [--preset NAME] [--FLAG VALUE ...]")
+    presets = parser.add_argument_group("PRESET", "the flags of a released checkpoint of either original")
+    presets.add_argument(
+        "--preset",
+        metavar="NAME",
+        default=argparse.SUPPRESS,
+        help="e.g. adm-imagenet64; flags given here win; --preset list prints every preset",
+    )
     for group, group_flags in flags.flags_for(script):
         section = parser.add_argument_group(group.title, group.description)
         for flag in group_flags:

@@ -76,3 +76,20 @@ def test_update_readme_rewrites_only_the_section(tmp_path):
     path.write_text("no markers\n", encoding="utf-8")
     with pytest.raises(UserError, match="has no <!-- flags:begin --> ... <!-- flags:end --> markers"):
         flags.update_readme(str(path))
+
+
+@pytest.mark.parametrize("script", ["image_sample", "image_train", "super_res_sample", "image_nll"])
+def test_every_script_takes_a_preset_and_given_flags_win(script):
+    parser = load_script(script).create_argparser()
+    assert "--preset NAME" in parser.format_help()
+    name = "adm-upsample64-256" if script.startswith("super_res") else "adm-imagenet64"
+    args = parser.parse_args(["--preset", name, "--num_res_blocks", "5"])
+    assert (args.resblock_updown, args.rescale_timesteps, args.learn_sigma) == (True, False, True)
+    assert (
+        (args.large_size, args.num_heads) == (256, 4)
+        if script.startswith("super_res")
+        else args.num_head_channels == 64
+    )
+    assert args.num_res_blocks == 5  # given on the command line: wins over the preset
+    with pytest.raises(UserError, match="adm-imagenet63"):
+        parser.parse_args(["--preset", "adm-imagenet63"])
