@@ -124,8 +124,11 @@ class ClassifierTrainLoop(TrainerBase):
         return self.diffusion.q_sample(images, t), t, weights
 
     def _logits(self, network: ModelCall, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """(N, classes) float32 logits at the timesteps the diffusion model would see for t."""
-        return network(x_t, self.diffusion._scale_timesteps(t))
+        """
+        (N, classes) float32 logits, the classifier given t as the diffusion gives it to its model
+        (original indices, rescaled with ``rescale_timesteps``): guidance calls it the same way.
+        """
+        return self.diffusion._call_model(network, x_t, t, None)
 
     def forward_backward(self, batch: torch.Tensor, cond: Dict[str, torch.Tensor]) -> None:
         """

@@ -1,8 +1,16 @@
-"""Load a script of ``scripts/`` (its ``main`` and helpers) without running it, for the tests."""
+"""Load a script of ``scripts/`` (its ``main`` and helpers) without running it, and run its ``main`` in-process."""
 
+import contextlib
 import os
 import runpy
 import types
+from typing import Iterator, Optional, Sequence, Tuple
+
+import pytest
+import torch.distributed as dist
+
+from improved_diffusion import dist_util, logger
+from improved_diffusion.errors import run_main
 
 SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
 
@@ -14,3 +22,31 @@ def load_script(name: str) -> types.SimpleNamespace:
     """
     filename = name if name.endswith(".py") else f"{name}.py"
     return types.SimpleNamespace(**runpy.run_path(os.path.join(SCRIPTS, filename), run_name="not_main"))
+
+
+@contextlib.contextmanager
+def main_effects_undone(outer_log_dir: str) -> Iterator[None]:
+    """
+    Undo what a script's main() does to this process (the process group, the current logger),
+    and keep its logger off stdout, which pytest swaps per test.
+    """
+    previous = os.environ.get("OPENAI_LOG_FORMAT")
+    os.environ["OPENAI_LOG_FORMAT"] = "log,csv"
+    had_group = dist.is_initialized()
+    try:
+        with logger.scoped_configure(dir=outer_log_dir, format_strs=[]):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("OPENAI_LOG_FORMAT", None)
+        else:
+            os.environ["OPENAI_LOG_FORMAT"] = previous
+        if not had_group and dist.is_initialized():
+            dist_util.cleanup()
+
+
+def run_script(module: types.SimpleNamespace, argv: Sequence[str], capsys: Optional[object] = None) -> Tuple[int, str]:
+    """Run a script's main like the command line does; returns (exit status, stderr)."""
+    with pytest.raises(SystemExit) as info:
+        run_main(lambda: module.main(list(argv)))
+    return info.value.code, capsys.readouterr().err if capsys else ""

@@ -17,12 +17,10 @@ import time
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from PIL import Image
-from script_loader import load_script
+from script_loader import load_script, main_effects_undone, run_script
 
-from improved_diffusion import dist_util, fileio, logger
-from improved_diffusion.errors import run_main
+from improved_diffusion import fileio
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXACT = dict(rtol=0, atol=0)
@@ -43,17 +41,10 @@ def image_train():
 
 
 @pytest.fixture
-def isolated(tmp_path, monkeypatch):
-    """
-    Undo what main() does to this process (the process group, the current logger), and keep
-    its logger off stdout, which pytest swaps per test.
-    """
-    monkeypatch.setenv("OPENAI_LOG_FORMAT", "log,csv")
-    had_group = dist.is_initialized()
-    with logger.scoped_configure(dir=str(tmp_path / "outer_log"), format_strs=[]):
+def isolated(tmp_path):
+    """Undo what main() does to this process (:func:`script_loader.main_effects_undone`)."""
+    with main_effects_undone(str(tmp_path / "outer_log")):
         yield
-    if not had_group and dist.is_initialized():
-        dist_util.cleanup()
 
 
 @pytest.fixture
@@ -66,11 +57,7 @@ def images(tmp_path):
     return str(root)
 
 
-def _run(module, argv, capsys=None):
-    """Run a script's main like the command line does; returns (exit status, stderr)."""
-    with pytest.raises(SystemExit) as info:
-        run_main(lambda: module.main(argv))
-    return info.value.code, capsys.readouterr().err if capsys else ""
+_run = run_script
 
 
 def _train(module, images, log_dir, *extra, image_size="16"):
