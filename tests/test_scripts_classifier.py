@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from script_loader import load_script, main_effects_undone, run_script
 
-from improved_diffusion import fileio, script_util
+from improved_diffusion import fileio, presets, script_util
 
 EXACT = dict(rtol=0, atol=0)
 COLOURS = {"blue": (40, 40, 220), "red": (220, 40, 40)}  # sorted names: blue = class 0, red = class 1
@@ -205,3 +205,15 @@ def test_guidance_steers_samples_to_the_requested_class(isolated, scripts, tmp_p
         red_fraction, _ = rates[mode, "0"]
         assert 0 < red_fraction < 1, (mode, rates)  # both classes without guidance
         assert rates[mode, "10"][1] >= MIN_GUIDED_RATE, (mode, rates)
+
+
+@pytest.mark.parametrize("name", ["adm-imagenet64", "adm-imagenet256-uncond"])
+def test_guided_presets_set_every_flag_of_classifier_sample(scripts, name):
+    """``--preset`` expands to the model, classifier and scale flags, all known to the script; given flags win."""
+    parser = scripts["classifier_sample"].create_argparser()
+    known = list(vars(parser.parse_args([])))
+    values = presets.preset_flags(name)
+    assert set(values) <= set(known)
+    args = parser.parse_args(presets.apply_preset_argv(["--preset", name, "--classifier_scale", "2.5"], known))
+    assert args.classifier_scale == 2.5 and args.classifier_depth == values["classifier_depth"]
+    assert args.num_channels == values["num_channels"] and args.class_cond == values["class_cond"]
