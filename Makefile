@@ -9,9 +9,9 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
 .PHONY: install test test-fast demo lint bench clean
 
-$(STAMP): requirements.txt requirements-data.txt setup.py
+$(STAMP): requirements.txt requirements-data.txt requirements-plot.txt setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q $(FIND_LINKS) -r requirements.txt
+	$(BIN)/python -m pip install -q $(FIND_LINKS) -r requirements.txt -r requirements-plot.txt
 	$(BIN)/python -m pip install -q --no-deps -r requirements-data.txt
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)

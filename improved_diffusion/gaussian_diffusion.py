@@ -49,6 +49,7 @@ from .schedules import NOISE_SCHEDULES as NOISE_SCHEDULES  # re-exported: the sc
 from .schedules import betas_for_alpha_bar as betas_for_alpha_bar
 from .schedules import check_linear_steps as check_linear_steps
 from .schedules import get_named_beta_schedule as get_named_beta_schedule
+from .schedules import min_snr_weights
 
 Model = Callable[..., torch.Tensor]
 # cond_fn(x_t, t, **model_kwargs) -> the gradient s * grad_x log p(y | x_t), shaped like x_t [ADM §4].
@@ -149,6 +150,7 @@ class GaussianDiffusion:
         model_var_type: ModelVarType,
         loss_type: LossType,
         rescale_timesteps: bool = False,
+        snr_gamma: float = 0.0,
     ) -> None:
         self.model_mean_type = model_mean_type
         self.model_var_type = model_var_type
@@ -171,6 +173,9 @@ class GaussianDiffusion:
         self.alphas_cumprod = np.cumprod(alphas, axis=0)
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
         self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
+        # Min-SNR-gamma weights of the simple loss (None: unweighted, the original's loss).
+        predicts = {ModelMeanType.EPSILON: "epsilon", ModelMeanType.START_X: "x_start"}.get(model_mean_type, "x_prev")
+        self.mse_weights = min_snr_weights(self.alphas_cumprod, snr_gamma, predicts) if snr_gamma else None
 
         # q(x_t | x_0) [IDDPM Eq. 9] and its inversion for x_0.
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
@@ -733,7 +738,10 @@ class GaussianDiffusion:
             target = noise
         assert model_output.shape == target.shape == x_start.shape
         terms["mse"] = mean_flat((target - model_output) ** 2)
-        terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
+        mse = terms["mse"]
+        if self.mse_weights is not None:  # min-SNR-gamma [Hang et al. 2023, Eq. 5]; "mse" stays the plain one
+            mse = _extract_into_tensor(self.mse_weights, t, mse.shape) * mse
+        terms["loss"] = mse + terms["vb"] if "vb" in terms else mse
         return terms
 
     # -- variational bound --------------------------------------------------------------------

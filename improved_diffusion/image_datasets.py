@@ -38,6 +38,10 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 Batch = Tuple[torch.Tensor, Dict[str, torch.Tensor]]
 
 
+# PIL modes by number of channels (--image_channels).
+IMAGE_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+
+
 def check_enough_images(data_dir: str, num_images: int, world_size: int) -> None:
     """A UserError when the data folder has fewer images than processes (each needs one)."""
     if num_images < world_size:
@@ -60,6 +64,7 @@ def load_data(
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
     random_crop: bool = False,
+    image_channels: int = 3,
 ) -> "ImageLoader":
     """
     An endless iterator over ``(images, model_kwargs)`` batches of this rank's shard.
@@ -76,9 +81,12 @@ def load_data(
     :param seed: seed of the per-epoch shuffling, flipping and cropping.
     :param rank: this process's rank; default ``dist_util.get_rank()``.
     :param world_size: number of processes; default ``dist_util.get_world_size()``.
-    :return: an :class:`ImageLoader`; ``next()`` gives (N, 3, image_size, image_size) float32
+    :param image_channels: channels C of the images (1 grey, 2 grey + alpha, 3 RGB, 4 RGBA);
+        every file is converted to that mode (a colour image becomes grey for C = 1).
+    :return: an :class:`ImageLoader`; ``next()`` gives (N, C, image_size, image_size) float32
         images in ``[-1, 1]`` and a dict (``{"y": labels}`` or ``{}``).
     """
+    mode = image_mode(image_channels)
     if rank is None or world_size is None:
         rank = dist_util.get_rank() if rank is None else rank
         world_size = dist_util.get_world_size() if world_size is None else world_size
@@ -95,6 +103,7 @@ def load_data(
         all_files[rank::world_size],
         classes=None if labels is None else labels[rank::world_size],
         random_crop=random_crop,
+        mode=mode,
     )
     return ImageLoader(
         dataset,
@@ -154,12 +163,20 @@ def class_labels(paths: Sequence[str]) -> List[int]:
     return [index[name] for name in names]
 
 
-def read_image(path: str) -> Image.Image:
-    """
-    Decode an image file fully into an RGB PIL image.
+def image_mode(image_channels: int) -> str:
+    """The PIL mode of ``--image_channels``: 1 "L", 2 "LA", 3 "RGB", 4 "RGBA"."""
+    if image_channels not in IMAGE_MODES:
+        raise UserError(f"--image_channels {image_channels}: expected 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA)")
+    return IMAGE_MODES[image_channels]
 
-    Grayscale, palette, alpha (dropped, as the original does) and 16-bit images are converted
-    properly (16-bit values are scaled to 8 bits, not clipped). Images larger than
+
+def read_image(path: str, mode: str = "RGB") -> Image.Image:
+    """
+    Decode an image file fully into a PIL image of ``mode`` (default RGB, as the original).
+
+    Grayscale, palette, alpha (dropped for RGB, as the original does) and 16-bit images are
+    converted properly (16-bit values are scaled to 8 bits, not clipped); colour becomes grey
+    by PIL's ITU-R 601 luma for mode "L". Images larger than
     ``PIL.Image.MAX_IMAGE_PIXELS`` are refused rather than only warned about.
 
     :raises UserError: naming ``path`` for an unreadable, truncated, empty or too large file.
@@ -180,10 +197,10 @@ def read_image(path: str) -> Image.Image:
         if os.path.exists(path) and os.path.getsize(path) == 0:
             reason = "the file is empty (0 bytes)"
         raise UserError(f"could not read image {path}: {reason}") from exc
-    return _to_rgb(image)
+    return _to_mode(image, mode)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def _to_mode(image: Image.Image, mode: str) -> Image.Image:
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
         # 16-bit grayscale (PNG): Pillow's convert("RGB") would clip at 255, so scale instead.
         values = np.asarray(image, dtype=np.float64)
@@ -193,18 +210,18 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L")
     elif image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
-    return image.convert("RGB")
+    return image.convert(mode)
 
 
 def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
     """
-    Resize and centre-crop an RGB image as the original does.
+    Resize and centre-crop an image as the original does.
 
     Halve with a box filter while the shorter side is at least ``2 * image_size``, then scale
     with bicubic resampling so the shorter side is ``image_size`` (this also enlarges small
     images), then crop the centre square.
 
-    :return: (image_size, image_size, 3) uint8 array.
+    :return: (image_size, image_size, C) uint8 array, C the image's channels.
     """
     arr = _resize_shorter_side(image, image_size)
     crop_y = (arr.shape[0] - image_size) // 2
@@ -225,7 +242,7 @@ def random_crop_arr(
     :func:`center_crop_arr`), then cut an S x S square at a uniformly random place.
 
     :param rng: draws the side and the place (so a seed fixes the crop).
-    :return: (image_size, image_size, 3) uint8 array.
+    :return: (image_size, image_size, C) uint8 array, C the image's channels.
     """
     low, high = math.ceil(image_size / max_crop_frac), math.ceil(image_size / min_crop_frac)
     arr = _resize_shorter_side(image, int(rng.integers(low, high + 1)))
@@ -235,12 +252,16 @@ def random_crop_arr(
 
 
 def _resize_shorter_side(image: Image.Image, side: int) -> np.ndarray:
-    """Halve with a box filter while the shorter side is >= 2 * side, then bicubic to a shorter side of ``side``."""
+    """
+    Halve with a box filter while the shorter side is >= 2 * side, then bicubic to a shorter side
+    of ``side``; returns (H, W, C) uint8.
+    """
     while min(*image.size) >= 2 * side:
         image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
     scale = side / min(*image.size)
     image = image.resize(tuple(max(side, round(x * scale)) for x in image.size), resample=Image.BICUBIC)
-    return np.asarray(image)
+    arr = np.asarray(image)
+    return arr[:, :, None] if arr.ndim == 2 else arr  # one-band modes: (H, W) -> (H, W, 1)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -261,9 +282,10 @@ class _LoadError:
 
 class ImageDataset(torch.utils.data.Dataset):
     """
-    Images of one shard; item ``(i, flip)`` or ``(i, flip, crop_seed)`` is a (3, H, W) float32
+    Images of one shard; item ``(i, flip)`` or ``(i, flip, crop_seed)`` is a (C, H, W) float32
     array in ``[-1, 1]`` and its class (or -1), or a :class:`_LoadError` for an unreadable file.
-    With ``random_crop``, ``crop_seed`` seeds the item's :func:`random_crop_arr`.
+    ``mode`` is the PIL mode every file is converted to (C = its number of bands); with
+    ``random_crop``, ``crop_seed`` seeds the item's :func:`random_crop_arr`.
     """
 
     def __init__(
@@ -272,9 +294,11 @@ class ImageDataset(torch.utils.data.Dataset):
         image_paths: Sequence[str],
         classes: Optional[Sequence[int]] = None,
         random_crop: bool = False,
+        mode: str = "RGB",
     ):
         super().__init__()
         self.resolution = resolution
+        self.mode = mode
         self.local_images = list(image_paths)
         self.local_classes = None if classes is None else list(classes)
         self.random_crop = random_crop
@@ -285,7 +309,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, item: Tuple[int, ...]) -> Any:
         idx, flip, crop_seed = (*item, 0)[:3]
         try:
-            image = read_image(self.local_images[idx])
+            image = read_image(self.local_images[idx], self.mode)
             if self.random_crop:
                 arr = random_crop_arr(image, self.resolution, np.random.default_rng(crop_seed))
             else:
@@ -370,7 +394,7 @@ class SuperResLoader:
 
 def load_superres_data(*, large_size: int, small_size: int, **kwargs: Any) -> SuperResLoader:
     """
-    :func:`load_data` at ``large_size`` plus ``model_kwargs["low_res"]``: (N, 3, small_size,
+    :func:`load_data` at ``large_size`` plus ``model_kwargs["low_res"]``: (N, C, small_size,
     small_size) area-downsampled copies of the batch. Other arguments as :func:`load_data`.
     """
     return SuperResLoader(load_data(image_size=large_size, **kwargs), small_size)

@@ -36,8 +36,8 @@ def to_uint8_nhwc(x: torch.Tensor) -> np.ndarray:
 
 def _check_nhwc(images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"expected uint8 images of shape (N, H, W, C) with C in 1/3/4, got {images.shape}")
+    if images.ndim != 4 or images.shape[-1] not in (1, 2, 3, 4):
+        raise ValueError(f"expected uint8 images of shape (N, H, W, C) with C in 1/2/3/4, got {images.shape}")
     if images.dtype != np.uint8:
         raise ValueError(f"expected uint8 images, got dtype {images.dtype}")
     return images
@@ -82,7 +82,7 @@ def save_png(path: str, array: np.ndarray) -> None:
     Write an image atomically as PNG.
 
     :param path: destination file.
-    :param array: (H, W, C) uint8 with C in 1/3/4, or (H, W) uint8 (greyscale).
+    :param array: (H, W, C) uint8 with C in 1/2/3/4, or (H, W) uint8 (greyscale).
     """
     array = np.asarray(array)
     if array.dtype != np.uint8 or array.ndim not in (2, 3):

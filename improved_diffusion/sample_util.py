@@ -136,6 +136,8 @@ def model_session(
         logger.log(f"loading {args.model_path}...")
         load_checkpoint(model, args, keys)
         yield
+        for line in model.speed_report():  # the convolution paths chosen by timing (--winograd auto)
+            logger.log(line)
 
 
 def load_checkpoint(

@@ -78,3 +78,26 @@ def _check_num_steps(num_diffusion_timesteps: int) -> int:
     if num_diffusion_timesteps <= 0:
         raise UserError(f"--diffusion_steps {num_diffusion_timesteps}: must be a positive integer")
     return int(num_diffusion_timesteps)
+
+
+def min_snr_weights(alphas_cumprod: np.ndarray, gamma: float, predicts: str) -> np.ndarray:
+    """
+    Min-SNR-gamma loss weights [Hang et al. 2023, Eq. 5]: per timestep, the weight of the
+    simple (MSE) loss that caps the signal-to-noise ratio SNR_t = abar_t / (1 - abar_t) at
+    ``gamma``, so that low-noise steps stop dominating training.
+
+    :param alphas_cumprod: (T,) float64 abar_t.
+    :param gamma: the cap (> 0); the paper uses 5.
+    :param predicts: what the network predicts: ``"epsilon"`` (weight min(SNR, gamma) / SNR)
+        or ``"x_start"`` (weight min(SNR, gamma)).
+    :return: (T,) float64 weights.
+    """
+    if not gamma > 0:
+        raise UserError(f"--snr_gamma {gamma}: must be positive (0 turns the weighting off)")
+    snr = alphas_cumprod / (1.0 - alphas_cumprod)
+    capped = np.minimum(snr, gamma)
+    if predicts == "epsilon":
+        return capped / snr
+    if predicts == "x_start":
+        return capped
+    raise UserError(f"--snr_gamma needs a model predicting epsilon or x_start, not {predicts}")

@@ -19,6 +19,7 @@ from . import gaussian_diffusion as gd
 from .errors import UserError
 from .fileio import atomic_save_json
 from .flags import speed_defaults
+from .image_datasets import image_mode
 from .nn import AUTO, SpeedSettings
 from .presets import get_preset, preset_flags
 from .respace import SpacedDiffusion, space_timesteps
@@ -55,6 +56,7 @@ _UNET_FLAGS = (
     "resblock_updown",
     "use_new_attention_order",
     "use_fp16",
+    "image_channels",
 )
 # The noised classifier's fixed settings in guided-diffusion's factory [ADM §4].
 CLASSIFIER_HEAD_CHANNELS = 64
@@ -69,6 +71,7 @@ _DIFFUSION_FLAGS = {
     "rescale_timesteps": "rescale_timesteps",
     "rescale_learned_sigmas": "rescale_learned_sigmas",
     "timestep_respacing": "timestep_respacing",
+    "snr_gamma": "snr_gamma",
 }
 
 
@@ -97,8 +100,8 @@ def _pick(values: Mapping[str, Any], names: Iterable[str]) -> Dict[str, Any]:
 
 
 def _diffusion_from_flags(values: Mapping[str, Any]) -> SpacedDiffusion:
-    """The diffusion of a factory's flags (``sigma_small`` False where the factory has none)."""
-    kwargs = {key: values.get(flag, False) for flag, key in _DIFFUSION_FLAGS.items()}
+    """The diffusion of a factory's flags (those it lacks, e.g. ``sigma_small``, keep their defaults)."""
+    kwargs = {key: values[flag] for flag, key in _DIFFUSION_FLAGS.items() if flag in values}
     return create_gaussian_diffusion(**kwargs)
 
 
@@ -127,6 +130,8 @@ def create_model_and_diffusion(
     resblock_updown: bool = False,
     use_new_attention_order: bool = False,
     use_fp16: bool = False,
+    image_channels: int = 3,
+    snr_gamma: float = 0.0,
     speed: Optional[SpeedSettings] = None,
 ) -> Tuple[UNetModel, SpacedDiffusion]:
     """Build the UNet and the (respaced) diffusion from the MODEL / DIFFUSION flags."""
@@ -159,10 +164,11 @@ def create_model(
     resblock_updown: bool = False,
     use_new_attention_order: bool = False,
     use_fp16: bool = False,
+    image_channels: int = 3,
     speed: Optional[SpeedSettings] = None,
 ) -> UNetModel:
     """
-    Build the attention UNet of [IDDPM App. A] from flags (3 input channels, 3 or 6 output).
+    Build the attention UNet of [IDDPM App. A] from flags (``image_channels`` C in, C or 2C out).
 
     :param speed: the network's speed settings (default: the fastest exact-enough path,
         :class:`~improved_diffusion.nn.SpeedSettings`).
@@ -184,10 +190,12 @@ def _build_unet(
     _check_positive(num_heads=v["num_heads"])
     if not 0.0 <= v["dropout"] < 1.0:
         raise UserError(f"--dropout {v['dropout']}: must be in [0, 1)")
+    channels = v["image_channels"]
+    image_mode(channels)  # an unsupported channel count is a UserError naming --image_channels
     return cls(
-        in_channels=3,
+        in_channels=channels,
         model_channels=v["num_channels"],
-        out_channels=(3 if not v["learn_sigma"] else 6),
+        out_channels=channels * (2 if v["learn_sigma"] else 1),
         num_res_blocks=v["num_res_blocks"],
         attention_resolutions=attention_downsample_factors(v["attention_resolutions"], size),
         dropout=v["dropout"],
@@ -235,6 +243,8 @@ def sr_create_model_and_diffusion(
     resblock_updown: bool = False,
     use_new_attention_order: bool = False,
     use_fp16: bool = False,
+    image_channels: int = 3,
+    snr_gamma: float = 0.0,
     speed: Optional[SpeedSettings] = None,
 ) -> Tuple[SuperResModel, SpacedDiffusion]:
     """Build the super-resolution UNet and its diffusion from the super-resolution flags."""
@@ -261,6 +271,7 @@ def sr_create_model(
     resblock_updown: bool = False,
     use_new_attention_order: bool = False,
     use_fp16: bool = False,
+    image_channels: int = 3,
     speed: Optional[SpeedSettings] = None,
 ) -> SuperResModel:
     """Build the super-resolution UNet (low-resolution input upsampled and concatenated)."""
@@ -333,17 +344,8 @@ def create_classifier_and_diffusion(
     speed: Optional[SpeedSettings] = None,
 ) -> Tuple[EncoderUNetModel, SpacedDiffusion]:
     """Build the noised classifier and the diffusion whose x_t it classifies (guided-diffusion's factory)."""
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        sigma_small=sigma_small,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-    )
+    values = locals()
+    diffusion = _diffusion_from_flags(values)
     classifier = create_classifier(
         image_size,
         classifier_use_fp16,
@@ -369,6 +371,7 @@ def create_gaussian_diffusion(
     rescale_timesteps: bool = False,
     rescale_learned_sigmas: bool = False,
     timestep_respacing: str = "",
+    snr_gamma: float = 0.0,
 ) -> SpacedDiffusion:
     """
     Map the diffusion flags to a :class:`SpacedDiffusion` (always the respacing subclass; an
@@ -401,6 +404,7 @@ def create_gaussian_diffusion(
         ),
         loss_type=loss_type,
         rescale_timesteps=rescale_timesteps,
+        snr_gamma=snr_gamma,
     )
 
 

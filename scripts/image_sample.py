@@ -54,7 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             diffusion,
             num_samples=args.num_samples,
             batch_size=args.batch_size,
-            image_shape=(3, args.image_size, args.image_size),
+            image_shape=(args.image_channels, args.image_size, args.image_size),
             seed=args.seed,
             use_ddim=args.use_ddim,
             eta=args.eta,

@@ -46,7 +46,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     validate_sampling_args(args)
     if not args.base_samples:
         raise UserError("--base_samples is required: an .npz of low-resolution samples from image_sample.py")
-    base_images, base_labels = load_base_samples(args.base_samples, args.small_size, args.class_cond)
+    base_images, base_labels = load_base_samples(
+        args.base_samples, args.small_size, args.class_cond, args.image_channels
+    )
     model, diffusion = build_model_and_diffusion(args, MODEL_KEYS, sr_create_model_and_diffusion)
 
     with model_session(args, taken, argv, model, MODEL_KEYS):
@@ -56,7 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
         def kwargs_fn(indices: np.ndarray, generators: List[torch.Generator]) -> Dict[str, torch.Tensor]:
             base = indices % len(base_images)
-            low_res = torch.from_numpy(base_images[base]).float() / 127.5 - 1.0  # (B, h, w, 3)
+            low_res = torch.from_numpy(base_images[base]).float() / 127.5 - 1.0  # (B, h, w, C)
             model_kwargs = {"low_res": low_res.permute(0, 3, 1, 2)}  # (B, 3, h, w)
             if base_labels is not None:
                 model_kwargs["y"] = torch.from_numpy(base_labels[base])
@@ -68,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             diffusion,
             num_samples=args.num_samples,
             batch_size=args.batch_size,
-            image_shape=(3, args.large_size, args.large_size),
+            image_shape=(args.image_channels, args.large_size, args.large_size),
             seed=args.seed,
             use_ddim=args.use_ddim,
             eta=args.eta,
@@ -82,11 +84,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         logger.log("sampling complete")
 
 
-def load_base_samples(path: str, small_size: int, class_cond: bool) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+def load_base_samples(
+    path: str, small_size: int, class_cond: bool, image_channels: int = 3
+) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """
     Read and check the low-resolution samples.
 
-    :return: (N, small_size, small_size, 3) uint8 images and, with ``class_cond``, (N,) int64
+    :return: (N, small_size, small_size, C) uint8 images and, with ``class_cond``, (N,) int64
         labels (else None).
     :raises UserError: naming the file, for an unreadable archive, a missing ``arr_0`` (or
         ``arr_1`` with ``class_cond``), a wrong dtype or a wrong shape.
@@ -102,11 +106,11 @@ def load_base_samples(path: str, small_size: int, class_cond: bool) -> Tuple[np.
     images = arrays["arr_0"]
     if images.dtype != np.uint8:
         raise UserError(f"--base_samples {path}: arr_0 has dtype {images.dtype}, expected uint8")
-    expected = ("N", small_size, small_size, 3)
+    expected = ("N", small_size, small_size, image_channels)
     if images.ndim != 4 or images.shape[1:] != expected[1:] or len(images) == 0:
         raise UserError(
-            f"--base_samples {path}: arr_0 has shape {images.shape}, expected (N, {small_size}, {small_size}, 3) "
-            f"with N >= 1 (NHWC RGB at --small_size {small_size})"
+            f"--base_samples {path}: arr_0 has shape {images.shape}, expected (N, {small_size}, {small_size}, "
+            f"{image_channels}) with N >= 1 (NHWC at --small_size {small_size}, --image_channels {image_channels})"
         )
     if not class_cond:
         return images, None

@@ -49,6 +49,7 @@ def _error(model, state_dict, flags=None, source="model.pt") -> str:
             "unet_small.pt",
             dict(
                 num_channels=32,
+                image_channels=3,
                 learn_sigma=True,
                 class_cond=True,
                 use_scale_shift_norm=True,
@@ -64,6 +65,7 @@ def _error(model, state_dict, flags=None, source="model.pt") -> str:
             "unet_small64.pt",
             dict(
                 num_channels=32,
+                image_channels=3,
                 learn_sigma=False,
                 class_cond=False,
                 use_scale_shift_norm=False,
@@ -80,6 +82,7 @@ def _error(model, state_dict, flags=None, source="model.pt") -> str:
             "unet_superres.pt",
             dict(
                 num_channels=32,
+                image_channels=3,
                 learn_sigma=True,
                 class_cond=True,
                 use_scale_shift_norm=True,
@@ -93,6 +96,23 @@ def _error(model, state_dict, flags=None, source="model.pt") -> str:
 )
 def test_guess_flags_from_golden_state_dicts(name, expected):
     assert guess_flags_from_state_dict(load_pt(name)["state_dict"]) == expected
+
+
+@pytest.mark.parametrize(
+    "in_channels, out_channels, expected",
+    [
+        (1, 1, dict(image_channels=1, learn_sigma=False)),
+        (1, 2, dict(image_channels=1, learn_sigma=True)),
+        (3, 6, dict(image_channels=3, learn_sigma=True)),
+        (6, 3, dict(image_channels=3, learn_sigma=False)),  # super-resolution: x and low_res
+        (6, 6, dict(image_channels=3, learn_sigma=True)),  # the original's upsampler with learned sigma
+        (2, 1, dict(image_channels=1, learn_sigma=False)),  # a 1-channel upsampler
+    ],
+)
+def test_guess_flags_reads_the_image_channels(in_channels, out_channels, expected):
+    model = UNetModel(in_channels, 32, out_channels, num_res_blocks=1, attention_resolutions=(), channel_mult=(1, 2))
+    guess = guess_flags_from_state_dict(model.state_dict())
+    assert {k: guess[k] for k in expected} == expected
 
 
 def test_guess_flags_sees_weightless_downsamples_and_super_resolution():

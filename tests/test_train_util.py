@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from improved_diffusion import checkpoints, fileio, logger
+from improved_diffusion import checkpoints, fileio, logger, train_util
 from improved_diffusion.errors import UserError
 from improved_diffusion.image_datasets import load_data
 from improved_diffusion.precision import MixedPrecision, cpu_has_fast_bf16
@@ -531,3 +531,27 @@ def test_two_ranks_match_one_rank_with_both_batches(tmp_path):
         loop = _two_rank_setup(str(tmp_path / "one"), 0, steps=3, batch=batch, ts=ts)
         loop.run_loop()
     torch.testing.assert_close(params[0], torch.cat([p.detach().reshape(-1) for p in loop.params]), **CLOSE)
+
+
+@pytest.mark.parametrize("total, tty, shown", [(10, True, True), (0, True, False), (10, False, False)])
+def test_step_progress_shows_time_left_only_when_steps_are_known_on_a_terminal(monkeypatch, total, tty, shown):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+    with train_util.step_progress(total, 3) as bar:
+        assert bar.disable is not shown
+        assert bar.n == 3 and bar.total == total
+
+
+def test_the_originals_names_stay_importable_from_train_util():
+    """The original's scripts and guided-diffusion's classifier trainer import these from train_util."""
+    from improved_diffusion.train_util import (  # noqa: F401
+        TrainLoop,
+        find_ema_checkpoint,
+        find_resume_checkpoint,
+        get_blob_logdir,
+        log_loss_dict,
+        parse_resume_step_from_filename,
+    )
+
+    assert parse_resume_step_from_filename("logs/model012345.pt") == 12345
+    assert find_resume_checkpoint() is None
+    assert find_ema_checkpoint(None, 3, 0.9999) is None

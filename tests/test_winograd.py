@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from improved_diffusion import nn as inn
 from improved_diffusion import script_util, winograd
+from improved_diffusion.errors import UserError
 from improved_diffusion.nn import SpeedSettings
 
 # float64: the algorithm is exact up to rounding.
@@ -228,3 +229,54 @@ def test_threads_have_their_own_workspace():
         torch.testing.assert_close(results[i], F.conv2d(x, weight, padding=1), **FLOAT64)
     winograd.release_workspace()
     assert not winograd._WORKSPACE.buffers
+
+
+def test_path_chooser_times_each_shape_once_and_keeps_the_decision(tmp_path):
+    cache = tmp_path / "paths.json"
+    chooser = winograd.PathChooser(str(cache), repeats=1)
+    x = torch.randn(2, 64, 16, 16, generator=torch.Generator().manual_seed(0))
+    state = torch.get_rng_state()
+    first = chooser.use_winograd(64, 64, x, training=True)
+    assert torch.equal(torch.get_rng_state(), state)  # timing draws no random numbers
+    assert chooser.use_winograd(64, 64, x, training=True) == first
+    (line,) = chooser.report()
+    assert line.startswith("conv path 64->64 16x16 batch 2 contiguous train") and "direct" in line
+    assert chooser.report() == []  # reported once
+    decision = next(iter(chooser.decisions.values()))
+    assert decision["winograd"] == (decision["winograd_s"] <= 0.95 * decision["direct_s"])
+    again = winograd.PathChooser(str(cache))  # a later run reads the decision instead of timing
+    assert again.decisions == chooser.decisions and again.use_winograd(64, 64, x, training=True) == first
+    assert again.report() == []
+
+
+def test_path_chooser_rejects_a_broken_cache_file(tmp_path):
+    cache = tmp_path / "paths.json"
+    cache.write_text("{not json")
+    with pytest.raises(UserError, match=r"--winograd_cache .*paths.json: not a readable JSON file"):
+        winograd.PathChooser(str(cache))
+
+
+def test_auto_model_follows_the_measured_decisions(monkeypatch):
+    """--winograd auto: each layer takes the path its chooser decided, whatever the size rule says."""
+    kwargs = script_util.model_and_diffusion_defaults()
+    kwargs.update(image_size=16, channel_mult="1,2", num_channels=32, num_res_blocks=1, attention_resolutions="8")
+    model, _ = script_util.create_model_and_diffusion(**kwargs)  # default speed: winograd auto
+    assert model.speed.winograd == "auto" and model.conv_chooser is not None
+    monkeypatch.setattr(model.conv_chooser, "use_winograd", lambda *a, **k: True)
+    calls = []
+    conv3x3 = winograd.conv3x3
+    monkeypatch.setattr(winograd, "conv3x3", lambda *a: calls.append(a[0].shape) or conv3x3(*a))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 16, 16), torch.tensor([5]))
+    # 32-channel layers, below the fixed rule's 64, took Winograd because the chooser said so
+    assert any(shape[1] == 32 for shape in calls)
+    model.set_speed(SpeedSettings(winograd=True))
+    calls.clear()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 16, 16), torch.tensor([5]))
+    assert calls and all(shape[1] >= 64 for shape in calls)  # the fixed rule
+
+
+def test_speed_settings_reject_other_winograd_values():
+    with pytest.raises(UserError, match="--winograd 'maybe': expected True, False or auto"):
+        SpeedSettings(winograd="maybe")
