@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .errors import UserError
 from .precision import ModelCall
 from .resample import UniformSampler
-from .train_util import TrainerBase, add_quartile_sums, check_train_settings, log_quartile_sums
+from .train_util import TrainerBase, add_quartile_sums, log_quartile_sums
 
 TOP_K = (1, 5)
 
@@ -41,8 +41,10 @@ def classification_stats(logits: torch.Tensor, labels: torch.Tensor, prefix: str
     return stats
 
 
-def check_classifier_train_settings(iterations: int, eval_interval: int) -> None:
+def check_classifier_train_settings(iterations: int, eval_interval: int, max_steps: int = 0) -> None:
     """A UserError naming the flag for a step count or evaluation interval out of range."""
+    if max_steps < 0:
+        raise UserError(f"--max_steps {max_steps}: must be 0 or more")
     if iterations <= 0:
         raise UserError(f"--iterations {iterations}: must be a positive integer")
     if eval_interval <= 0:
@@ -63,7 +65,9 @@ class ClassifierTrainLoop(TrainerBase):
     :param eval_interval: steps between validation batches.
     :param max_steps: stop earlier, after this many steps in total (0 = no limit).
 
-    Other parameters as in :class:`~.train_util.TrainLoop` (``ema_rate=""``: no EMA).
+    Other keyword arguments as in :class:`~.train_util.TrainLoop` (``batch_size``, ``microbatch``,
+    ``lr``, ``log_interval``, ``save_interval``, ``resume_checkpoint``, precision, ``log_dir``...;
+    ``ema_rate=""``: no EMA).
     """
 
     def __init__(
@@ -72,12 +76,6 @@ class ClassifierTrainLoop(TrainerBase):
         model: torch.nn.Module,
         diffusion: Any,
         data: Iterator[Tuple[torch.Tensor, Dict[str, torch.Tensor]]],
-        batch_size: int,
-        microbatch: int,
-        lr: float,
-        log_interval: int,
-        save_interval: int,
-        resume_checkpoint: str,
         val_data: Optional[Iterator[Tuple[torch.Tensor, Dict[str, torch.Tensor]]]] = None,
         noised: bool = True,
         iterations: int = 150000,
@@ -88,21 +86,14 @@ class ClassifierTrainLoop(TrainerBase):
         max_steps: int = 0,
         **kwargs: Any,
     ):
-        check_classifier_train_settings(iterations, eval_interval)
-        check_train_settings(batch_size, microbatch, lr, log_interval, save_interval, 0, max_steps)
+        check_classifier_train_settings(iterations, eval_interval, max_steps)
         self.diffusion, self.val_data = diffusion, val_data
         self.noised, self.iterations, self.eval_interval = noised, iterations, eval_interval
         super().__init__(
             model=model,
             data=data,
             num_timesteps=diffusion.num_timesteps,
-            batch_size=batch_size,
-            microbatch=microbatch,
-            lr=lr,
             ema_rate=ema_rate,
-            log_interval=log_interval,
-            save_interval=save_interval,
-            resume_checkpoint=resume_checkpoint,
             schedule_sampler=schedule_sampler or UniformSampler(diffusion),
             step_limits=(iterations, max_steps),
             lr_anneal_steps=iterations if anneal_lr else 0,

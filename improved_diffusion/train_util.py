@@ -90,6 +90,7 @@ class TrainerBase:
         channels_last: bool = False,
         handle_signals: bool = True,
     ):
+        check_train_settings(batch_size, microbatch, lr, log_interval, save_interval, lr_anneal_steps, 0)
         self.model, self.data, self.num_timesteps = model, data, num_timesteps
         self.batch_size = batch_size
         self.microbatch = microbatch if microbatch > 0 else batch_size

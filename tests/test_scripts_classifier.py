@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from script_loader import load_script, main_effects_undone, run_script
+from script_loader import load_script, run_script
 
 from improved_diffusion import fileio, presets, script_util
 
@@ -59,12 +59,6 @@ def _is_red(images: np.ndarray) -> np.ndarray:
     """The pixel rule: (N, H, W, 3) uint8 -> (N,) bool, red channel brighter than blue on average."""
     pixels = images.astype(np.float64)
     return pixels[..., 0].mean(axis=(1, 2)) > pixels[..., 2].mean(axis=(1, 2))
-
-
-@pytest.fixture
-def isolated(tmp_path):
-    with main_effects_undone(str(tmp_path / "outer_log")):
-        yield
 
 
 @pytest.fixture

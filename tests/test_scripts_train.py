@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from script_loader import load_script, main_effects_undone, run_script
+from script_loader import load_script, run_script
 
 from improved_diffusion import fileio
 
@@ -38,13 +38,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def image_train():
     return load_script("image_train")
-
-
-@pytest.fixture
-def isolated(tmp_path):
-    """Undo what main() does to this process (:func:`script_loader.main_effects_undone`)."""
-    with main_effects_undone(str(tmp_path / "outer_log")):
-        yield
 
 
 @pytest.fixture
