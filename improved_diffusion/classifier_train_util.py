@@ -89,19 +89,23 @@ class ClassifierTrainLoop(TrainerBase):
         check_classifier_train_settings(iterations, eval_interval, max_steps)
         self.diffusion, self.val_data = diffusion, val_data
         self.noised, self.iterations, self.eval_interval = noised, iterations, eval_interval
+        self.max_steps = max_steps
         super().__init__(
             model=model,
             data=data,
             num_timesteps=diffusion.num_timesteps,
             ema_rate=ema_rate,
             schedule_sampler=schedule_sampler or UniformSampler(diffusion),
-            step_limits=(iterations, max_steps),
             lr_anneal_steps=iterations if anneal_lr else 0,
             **kwargs,
         )
         # Validation runs the plain model (no DDP: nothing to synchronise without gradients).
         self._eval_network = ModelCall(self.model, self.precision, self.channels_last)
         self._val_sums: Dict[str, torch.Tensor] = {}
+
+    def step_limits(self) -> Sequence[int]:
+        """``iterations`` and ``max_steps``."""
+        return (self.iterations, self.max_steps)
 
     def _noised_batch(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """

@@ -62,7 +62,9 @@ class TrainerBase:
     :meth:`after_step`. Parameters as in :class:`TrainLoop`, plus:
 
     :param num_timesteps: T of the diffusion, for the quartiles of t in the log.
-    :param step_limits: steps after which training ends (0 entries: no limit); the smallest wins.
+
+    A subclass names its step limits in :meth:`step_limits` (read at every step, so a caller may
+    change them between runs).
     """
 
     def __init__(
@@ -79,7 +81,6 @@ class TrainerBase:
         save_interval: int,
         resume_checkpoint: str,
         schedule_sampler: Any,
-        step_limits: Sequence[int] = (),
         use_fp16: bool = False,
         fp16_scale_growth: float = 1e-3,
         weight_decay: float = 0.0,
@@ -95,7 +96,6 @@ class TrainerBase:
         self.batch_size = batch_size
         self.microbatch = microbatch if microbatch > 0 else batch_size
         self.lr, self.weight_decay, self.lr_anneal_steps = lr, weight_decay, lr_anneal_steps
-        self.step_limits = [s for s in step_limits if s > 0]
         self.ema_rate = parse_ema_rates(ema_rate)
         self.log_interval, self.save_interval = log_interval, save_interval
         self.resume_checkpoint = resume_checkpoint
@@ -183,9 +183,14 @@ class TrainerBase:
             if self._last_saved_step != self.step:
                 self.save()
 
+    def step_limits(self) -> Sequence[int]:
+        """Step counts at which training ends (0 entries: no limit); the smallest wins. None here."""
+        return ()
+
     def _total_steps(self) -> int:
         """Steps the run ends at (the smallest step limit); 0 when it runs until stopped."""
-        return min(self.step_limits) if self.step_limits else 0
+        limits = [s for s in self.step_limits() if s > 0]
+        return min(limits) if limits else 0
 
     def _done(self) -> bool:
         return self._total_steps() > 0 and self.step >= self._total_steps()
@@ -434,7 +439,6 @@ class TrainLoop(TrainerBase):
             save_interval=save_interval,
             resume_checkpoint=resume_checkpoint,
             schedule_sampler=schedule_sampler or UniformSampler(diffusion),
-            step_limits=(lr_anneal_steps, max_steps),
             use_fp16=use_fp16,
             fp16_scale_growth=fp16_scale_growth,
             weight_decay=weight_decay,
@@ -445,6 +449,10 @@ class TrainLoop(TrainerBase):
             channels_last=channels_last,
             handle_signals=handle_signals,
         )
+
+    def step_limits(self) -> Sequence[int]:
+        """``lr_anneal_steps`` and ``max_steps``."""
+        return (self.lr_anneal_steps, self.max_steps)
 
     def forward_backward(self, batch: torch.Tensor, cond: Dict[str, torch.Tensor]) -> None:
         """
