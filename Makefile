@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # On these machines the CPU build of torch 2.13 lies in /opt/wheels; elsewhere pip uses its own config.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: install test test-fast demo lint bench clean
+.PHONY: install test test-fast demo lint bench gpu-check clean
 
 $(STAMP): requirements.txt requirements-data.txt requirements-plot.txt setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,9 +34,15 @@ demo: install
 bench: install
 	$(BIN)/python benchmarks/run.py
 
+# The prepared check for a lent GPU (under 8 minutes on one H100): pytest -m cuda plus training and
+# sampling numbers, into $(GPU_CHECK_OUT)/gpu_check.{json,md}. Without a GPU: one line, exit 0.
+GPU_CHECK_OUT ?= $(if $(OUT),$(OUT),gpu_check_out)
+gpu-check: install
+	PYTHON=$(BIN)/python benchmarks/gpu_check.sh $(GPU_CHECK_OUT)
+
 lint: install
 	$(BIN)/python -m pip install -q ruff==0.17.5
 	$(BIN)/ruff format --check . && $(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) demo_out gpu_check_out .pytest_cache

@@ -290,6 +290,18 @@ def _flag_hint(
     return hint + (f", {extra}" if extra else "")
 
 
+def _label_table_hint(checkpoint: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor]) -> str:
+    """What a label table of another size means: ``--num_classes`` and the null row of ``--class_dropout_prob``."""
+    ckpt, built = checkpoint.get("label_emb.weight"), model.get("label_emb.weight")
+    if ckpt is None or built is None or ckpt.shape[0] == built.shape[0]:
+        return ""
+    rows = int(ckpt.shape[0])
+    return (
+        f"; the checkpoint's label table has {rows} rows: --num_classes {rows}, or --num_classes {rows - 1} "
+        "with --class_dropout_prob > 0 (its last row the null label of classifier-free guidance)"
+    )
+
+
 def _check_is_state_dict(state_dict: Any, source: str) -> None:
     if not isinstance(state_dict, Mapping) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         keys = ", ".join(map(str, list(state_dict)[:5])) if isinstance(state_dict, Mapping) else ""
@@ -329,6 +341,7 @@ def load_model_state(
     hint = _flag_hint(state_dict, expected, flags)
     if hint:
         message += f"; {hint}"
+    message += _label_table_hint(state_dict, expected)
     first = state_dict.get("input_blocks.0.0.weight")
     if first is not None and first.dim() >= 2 and int(first.shape[1]) == 6 and "large_size" not in (flags or {}):
         message += "; it is a super-resolution model (6 input channels): use the super_res scripts"
@@ -430,7 +443,10 @@ def newest_complete_checkpoint(folder: str, ema_rates: Sequence[float]) -> Optio
 
 
 def get_rng_state() -> Dict[str, Any]:
-    """torch (CPU and CUDA), NumPy and Python generator states as tensors and plain numbers."""
+    """
+    torch (CPU and this rank's CUDA device), NumPy and Python generator states as tensors and
+    plain numbers; ``"cuda"`` is the generator of ``dist_util.dev()`` alone (every rank saves its own).
+    """
     _, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     state = {
@@ -443,21 +459,34 @@ def get_rng_state() -> Dict[str, Any]:
         },
         "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if dist_util.dev().type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(dist_util.dev())
     return state
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
-    """Restore :func:`get_rng_state` (CUDA states only when this machine has the same GPUs)."""
+    """Restore :func:`get_rng_state`; a CUDA generator state that cannot be restored is logged."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     keys = n["keys"].numpy().astype(np.uint32)
     np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    _set_cuda_rng_state(state.get("cuda"))
+
+
+def _set_cuda_rng_state(saved: Any) -> None:
+    """This rank's CUDA generator from a checkpoint: one state (or, from older checkpoints, one per GPU)."""
+    device = dist_util.dev()
+    if isinstance(saved, (list, tuple)):  # older checkpoints: get_rng_state_all(), one per visible GPU
+        index = device.index or 0
+        saved = saved[index] if index < len(saved) else None
+    if saved is None and device.type == "cuda":
+        logger.log("resume: the checkpoint holds no CUDA generator state (saved without a GPU); it starts afresh")
+    elif saved is not None and device.type != "cuda":
+        logger.log("resume: the checkpoint's CUDA generator state is not restored: no GPU here")
+    elif saved is not None:
+        torch.cuda.set_rng_state(saved, device)
 
 
 def get_sampler_state(sampler: Any) -> Dict[str, Any]:

@@ -137,9 +137,9 @@ class ClassifierTrainLoop(TrainerBase):
             x_t, t, weights = self._noised_batch(micro)
             with sync:
                 stats = classification_stats(self._logits(self._network, x_t, t), _labels(micro_cond), "train")
-                self._update_sampler(t, stats["train_loss"])
                 self._accumulate_losses(t, torch.ones_like(weights), stats)
                 self.precision.backward((stats["train_loss"] * weights).mean() * share)
+            self._update_sampler(t, stats["train_loss"])
 
     def after_step(self) -> None:
         """Every ``eval_interval`` steps, the statistics of one validation batch (no gradients)."""

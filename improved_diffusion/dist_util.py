@@ -140,11 +140,29 @@ def setup_dist(timeout: Union[None, float, datetime.timedelta] = None, backend: 
         info, store = _mpi_rendezvous(info, kwargs["timeout"])
         kwargs.update(store=store, rank=info.rank, world_size=info.world_size)
     if torch.cuda.is_available():  # one GPU per local rank, among those the user made visible
-        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+        gpu = _gpu_of(info.local_rank, backend)
+        torch.cuda.set_device(gpu)
+        if backend == "nccl":  # NCCL binds its communicator to this GPU at once, not at the first collective
+            kwargs["device_id"] = torch.device("cuda", gpu)
     dist.init_process_group(**kwargs)
     _launch = info
     if info.world_size > 1:
         _install_excepthook()
+
+
+def _gpu_of(local_rank: int, backend: str) -> int:
+    """
+    The visible GPU of the process with ``local_rank``: ``local_rank % device_count``. NCCL
+    cannot put two processes on one GPU, so there a local rank beyond the GPUs is a UserError.
+    """
+    count = torch.cuda.device_count()
+    if backend == "nccl" and local_rank >= count:
+        raise UserError(
+            f"local rank {local_rank} has no GPU of its own: {count} visible on this machine and NCCL cannot "
+            f"share one between processes; start at most {count} processes per machine "
+            f"(torchrun --nproc_per_node {count}, or fewer mpiexec ranks per host) or make more GPUs visible"
+        )
+    return local_rank % count
 
 
 def _mpi_rendezvous(info: LaunchInfo, timeout: datetime.timedelta):
@@ -240,6 +258,17 @@ def dev() -> torch.device:
     return torch.device("cpu")
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """
+    A CPU tensor's copy on ``device`` that does not make the host wait: on CUDA it goes through
+    pinned (page-locked) memory with a non-blocking copy; elsewhere a plain ``.to``.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def _comm_device() -> torch.device:
     """Where tensors must live for the current backend's collectives."""
     if is_initialized() and dist.get_backend() == "nccl":
@@ -282,6 +311,8 @@ def _broadcast_file(path: str) -> bytes:
         message = [error]
         dist.broadcast_object_list(message, src=0, device=device)
         raise UserError(message[0])
+    if length == 0:  # an empty file: every rank gets b"" (and the loader's one-line error)
+        return b""
     if get_rank() == 0:
         buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
     else:
@@ -319,6 +350,15 @@ def gather_objects(obj: Any) -> List[Any]:
         return [obj]
     out: List[Any] = [None] * get_world_size()
     dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_to_rank0(obj: Any) -> Optional[List[Any]]:
+    """Every rank's picklable ``obj`` in rank order on rank 0 only (None elsewhere); nothing is sent to other ranks."""
+    if get_world_size() == 1 or not is_initialized():
+        return [obj]
+    out: Optional[List[Any]] = [None] * get_world_size() if get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
     return out
 
 

@@ -27,6 +27,8 @@ SUPER_RES_SCRIPTS = ("super_res_train", "super_res_sample")
 CLASSIFIER_SCRIPTS = ("classifier_train", "classifier_sample")
 SCRIPTS = IMAGE_SCRIPTS + SUPER_RES_SCRIPTS + CLASSIFIER_SCRIPTS
 DIFFUSION_TRAIN_SCRIPTS = ("image_train", "super_res_train")
+# The names of :data:`.samplers.SAMPLERS` (a test keeps them equal; this module sits below samplers).
+SAMPLERS = ("ancestral", "ddim", "dpm++2m", "heun")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +108,19 @@ MODEL = FlagGroup(
         Flag("num_head_channels", -1, "channels per attention head [ADM]; -1: heads by --num_heads"),
         Flag("resblock_updown", False, "down/upsample inside residual blocks [ADM]"),
         Flag("use_new_attention_order", False, "split q, k, v before the heads [ADM]"),
+        Flag(
+            "num_classes",
+            1000,
+            "classes of a class-conditional model (rows of its label table); data with more is an error",
+            new=True,
+        ),
+        Flag(
+            "class_dropout_prob",
+            0.0,
+            "label dropout for classifier-free guidance [CFG Alg. 1]: each training label becomes the null "
+            "label with this probability; > 0 adds the null label's row to the label table",
+            new=True,
+        ),
         Flag("image_channels", 3, "channels of the images: 1 grey, 3 RGB (2 grey + alpha, 4 RGBA)", new=True),
     ),
 )
@@ -191,6 +206,12 @@ TRAIN = FlagGroup(
         Flag("num_workers", 0, "image-decoding worker processes", new=True),
         Flag("channels_last", False, "feed the network channels-last tensors (faster on GPUs)", new=True),
         Flag("compile", False, "run the network through torch.compile", new=True),
+        Flag(
+            "deterministic",
+            False,
+            "runs and resumes repeat bit for bit: deterministic GPU kernels, Winograd by its size rule, not timing",
+            new=True,
+        ),
     ),
 )
 
@@ -203,10 +224,26 @@ SAMPLE = FlagGroup(
         Flag("clip_denoised", True, "clip the predicted x_0 to [-1, 1] at every step"),
         Flag("num_samples", 10000, "number of samples"),
         Flag("batch_size", 16, "samples per batch and process"),
-        Flag("use_ddim", False, "DDIM instead of ancestral sampling [DDIM Eq. 12]"),
+        Flag("use_ddim", False, "DDIM instead of ancestral sampling [DDIM Eq. 12]: the same as --sampler ddim"),
+        Flag(
+            "sampler",
+            "ancestral",
+            "the update at each respaced step (--timestep_respacing decides where the model runs): "
+            "ancestral [DDPM Alg. 2], ddim [DDIM Eq. 12], dpm++2m [DPM-Solver++ Alg. 2] or heun [EDM Alg. 1]; "
+            "one network evaluation per step, but heun costs two per step except the last (2 x steps - 1)",
+            choices=SAMPLERS,
+            new=True,
+        ),
+        Flag(
+            "guidance_scale",
+            1.0,
+            "classifier-free guidance w [CFG Eq. 6]: eps_uncond + w (eps_cond - eps_uncond); 1: the "
+            "conditional model, 0: the unconditional one; needs a model trained with --class_dropout_prob > 0",
+            new=True,
+        ),
         Flag("log_dir", "", "output folder; default $OPENAI_LOGDIR, else ./logs/<time>", new=True),
         Flag("seed", 0, "seed of each sample's noise and label", new=True),
-        Flag("eta", 0.0, "DDIM noise (0: deterministic)", new=True),
+        Flag("eta", 0.0, "DDIM noise (0: deterministic); --sampler ddim only", new=True),
         Flag("num_grid", 64, "samples in the PNG grid (0: none); --grid_size is another name", new=True),
         Flag("use_bf16", False, "bfloat16 autocast; auto: where the CPU/GPU runs it natively", new=True, auto=True),
         Flag(

@@ -30,7 +30,9 @@ Paper equation -> function (equation numbers as printed in the papers):
 - [ADM Alg. 2] classifier guidance of the score (eps): ``condition_score`` (``ddim_sample(cond_fn=)``)
 
 Strided (respaced) sampling, [IDDPM §4], lives in :mod:`.respace`; importance sampling of t
-([IDDPM Eq. 18]) in :mod:`.resample`.
+([IDDPM Eq. 18]) in :mod:`.resample`; the ODE solvers DPM-Solver++(2M) [DPM-Solver++ Alg. 2] and
+Heun [EDM Alg. 1] and classifier-free guidance [CFG Eq. 6] in :mod:`.samplers` (through
+``_sample_loop_progressive``).
 """
 
 import enum
@@ -185,16 +187,17 @@ class GaussianDiffusion:
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
 
         # q(x_{t-1} | x_t, x_0) [IDDPM Eq. 10-12]. The variance is 0 at t = 0, so its log is
-        # clipped to the value at t = 1.
+        # clipped to the value at t = 1 (to beta_0 for a single step, e.g. --timestep_respacing 1).
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
+        first_variance = self.posterior_variance[1] if self.num_timesteps > 1 else betas[0]
+        self.posterior_log_variance_clipped = np.log(np.append(first_variance, self.posterior_variance[1:]))
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
 
         # Private derived tables, kept so that each has one cached device copy.
         self._one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
         self._log_betas = np.log(betas)
-        self._large_variance = np.append(self.posterior_variance[1], betas[1:])
+        self._large_variance = np.append(first_variance, betas[1:])
         self._large_log_variance = np.log(self._large_variance)
         self._xprev_coef1 = 1.0 / self.posterior_mean_coef1
         self._xprev_coef2 = self.posterior_mean_coef2 / self.posterior_mean_coef1
@@ -655,7 +658,7 @@ class GaussianDiffusion:
         progress: bool,
         cond_fn: Optional[CondFn] = None,
     ) -> Iterator[Dict[str, torch.Tensor]]:
-        """The loop driver shared by ancestral and DDIM sampling; ``step`` is the only difference."""
+        """The loop driver shared by ancestral, DDIM and the ODE solvers of :mod:`.samplers`; ``step`` differs."""
         if device is None:
             device = _model_device(model, noise)
         assert isinstance(shape, (tuple, list))

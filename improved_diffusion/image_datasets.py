@@ -163,6 +163,16 @@ def class_labels(paths: Sequence[str]) -> List[int]:
     return [index[name] for name in names]
 
 
+def check_class_count(data_dir: str, paths: Sequence[str], num_classes: int) -> None:
+    """A UserError when the file names of ``data_dir`` hold more classes than ``--num_classes``."""
+    found = max(class_labels(paths), default=-1) + 1
+    if found > num_classes:
+        raise UserError(
+            f"--data_dir {data_dir} has {found} classes (file-name prefixes), more than --num_classes "
+            f"{num_classes}: pass --num_classes {found}"
+        )
+
+
 def image_mode(image_channels: int) -> str:
     """The PIL mode of ``--image_channels``: 1 "L", 2 "LA", 3 "RGB", 4 "RGBA"."""
     if image_channels not in IMAGE_MODES:

@@ -15,6 +15,7 @@ slow or unsupported for many ops, and bfloat16 is what CPUs accelerate.
 
 import contextlib
 import math
+import os
 from typing import Any, Callable, Dict, Iterable, Optional, Union
 
 import torch
@@ -101,20 +102,28 @@ class MixedPrecision:
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
 
-    def step(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> bool:
+    def step(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> torch.Tensor:
         """
-        Take the optimizer step unless the gradient is not finite.
-
-        Needs one host-device sync for the decision (as ``GradScaler.step`` always does).
+        Take the optimizer step unless the gradient is not finite, without waiting for the device
+        when the optimizer can skip by itself (a fused optimizer, :func:`make_adamw`): the
+        decision travels to it as a device tensor, as ``GradScaler`` hands it ``found_inf``.
+        Any other optimizer needs one host-device sync for the decision.
 
         :param grad_norm: 0-d tensor, the global L2 norm of the unscaled gradients.
-        :return: True if the step was taken, False if skipped (weights untouched).
+        :return: 0-d bool tensor on the gradient's device: True if the step was taken, False
+            if skipped (weights and optimizer state untouched).
         """
-        finite = bool(torch.isfinite(grad_norm))
+        finite = torch.isfinite(grad_norm)
         if self.scaler is not None:
             self.scaler.step(optimizer)  # skips by itself when the grads hold inf/NaN
             self.scaler.update()
-        elif finite:
+        elif getattr(optimizer, "_step_supports_amp_scaling", False):
+            optimizer.grad_scale, optimizer.found_inf = None, (~finite).float()
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.grad_scale, optimizer.found_inf
+        elif bool(finite):
             optimizer.step()
         return finite
 
@@ -172,6 +181,46 @@ class ModelCall:
         with self.precision.autocast() if self.precision is not None else contextlib.nullcontext():
             out = self.model(x, t, **kwargs)
         return out.float()
+
+
+# cuBLAS needs a fixed workspace for deterministic results (read when CUDA creates its handles).
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def set_cuda_math(deterministic: bool = False, tf32: bool = False) -> str:
+    """
+    Set torch's process-wide choices of GPU arithmetic explicitly, rather than leave torch's
+    defaults (which let cuDNN convolutions use TF32, so "float32" would not be float32).
+
+    :param deterministic: ``torch.use_deterministic_algorithms`` (ops without a deterministic
+        kernel warn), cuDNN's benchmark mode off, and ``CUBLAS_WORKSPACE_CONFIG`` (if unset);
+        otherwise cuDNN picks the fastest kernel per shape (benchmark mode), which may differ
+        between runs.
+    :param tf32: allow TF32 (10-bit mantissa) in float32 matmuls and convolutions on Ampere and later.
+    :return: one line for the log, e.g. ``cuda math: tf32=False, deterministic=False, cudnn.benchmark=True``.
+    """
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    if torch.are_deterministic_algorithms_enabled() != deterministic:  # the call imports the compiler (seconds)
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    return f"cuda math: tf32={tf32}, deterministic={deterministic}, cudnn.benchmark={not deterministic}"
+
+
+def make_adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """
+    AdamW with the fused kernel where torch has one for the parameters' device: one kernel for
+    all parameters, and it skips a non-finite step on the device (:meth:`MixedPrecision.step`
+    needs no host sync). Elsewhere the plain (foreach) AdamW.
+    """
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:

@@ -6,8 +6,9 @@ root mean square of recent losses at t ([IDDPM Eq. 18], §3.3), which lowers the
 of the L_vlb gradient.
 """
 
+import math
 from abc import ABC, abstractmethod
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -40,7 +41,13 @@ class ScheduleSampler(ABC):
     Subclasses give (unnormalised) :meth:`weights`; :meth:`sample` draws from them with
     NumPy's global RNG and returns importance weights ``1 / (T p_t)``, which make the
     weighted loss an unbiased estimate of the loss under uniform t.
+
+    The draw happens on the host; the device gets the timesteps by a copy that does not block
+    (:func:`.dist_util.to_device`) and the importance weights by indexing a device copy of the
+    (T,) table, made again only when the distribution changes.
     """
+
+    _weight_table: Optional[Tuple[np.ndarray, torch.Tensor]] = None  # (p, 1 / (T p) on a device)
 
     @abstractmethod
     def weights(self) -> np.ndarray:
@@ -56,10 +63,16 @@ class ScheduleSampler(ABC):
         w = self.weights()
         p = w / np.sum(w)
         indices_np = np.random.choice(len(p), size=(batch_size,), p=p)
-        indices = torch.from_numpy(indices_np).long().to(device)
-        weights_np = 1 / (len(p) * p[indices_np])
-        weights = torch.from_numpy(weights_np).float().to(device)
-        return indices, weights
+        indices = dist_util.to_device(torch.from_numpy(indices_np).long(), device)
+        return indices, self._importance_weights(p, device)[indices]
+
+    def _importance_weights(self, p: np.ndarray, device: torch.device) -> torch.Tensor:
+        """(T,) float32 ``1 / (T p_t)`` on ``device``, kept until ``p`` or the device changes."""
+        cached = self._weight_table
+        if cached is None or cached[1].device != torch.device(device) or not np.array_equal(cached[0], p):
+            table = torch.from_numpy(1 / (len(p) * p)).float()
+            self._weight_table = cached = (p.copy(), dist_util.to_device(table, device))
+        return cached[1]
 
 
 class UniformSampler(ScheduleSampler):
@@ -80,7 +93,8 @@ class LossAwareSampler(ScheduleSampler):
         """
         Gather this rank's (timestep, loss) pairs from every rank and update the weights, so
         that all ranks keep identical state. Ranks may have different batch sizes; with one
-        process (or no process group) this is just :meth:`update_with_all_losses`.
+        process (or no process group) this is just :meth:`update_with_all_losses`. Pairs whose
+        loss is not finite (those of a step that will be skipped) are left out, on the host.
 
         :param local_ts: (n,) int64 timesteps of this rank's batch.
         :param local_losses: (n,) the per-example losses at those timesteps.
@@ -89,7 +103,8 @@ class LossAwareSampler(ScheduleSampler):
         all_losses = dist_util.all_gather_tensors(local_losses.detach())
         timesteps = [int(t) for part in all_ts for t in part.cpu().tolist()]
         losses = [float(loss) for part in all_losses for loss in part.cpu().tolist()]
-        self.update_with_all_losses(timesteps, losses)
+        finite = [(t, loss) for t, loss in zip(timesteps, losses) if math.isfinite(loss)]
+        self.update_with_all_losses([t for t, _ in finite], [loss for _, loss in finite])
 
     @abstractmethod
     def update_with_all_losses(self, ts: Sequence[int], losses: Sequence[float]) -> None:

@@ -16,13 +16,14 @@ reseeded from ``(seed, rank, batch index)`` before every batch. Hence:
 - ancestral sampling and DDIM with ``eta > 0`` repeat exactly for the same seed, batch size and
   number of processes.
 
-Samples are numbered globally: rank ``r`` of ``n`` takes samples ``r, r + n, ...`` and rank 0
-gathers them back into index order, so the archive's order does not depend on ``n`` either.
+Samples are numbered globally: rank ``r`` of ``n`` takes samples ``r, r + n, ...``; after each
+batch rank 0 alone receives every rank's batch (as uint8 on the host) and finally puts them in
+index order, so the archive's order does not depend on ``n`` either, and no rank but rank 0 ever
+holds more than one batch.
 """
 
 import argparse
 import contextlib
-import functools
 import os
 import shlex
 import sys
@@ -35,11 +36,12 @@ from tqdm.auto import tqdm
 from . import dist_util, logger
 from .checkpoints import load_model_state
 from .errors import UserError
-from .fileio import atomic_save_npz
+from .fileio import atomic_save_json, atomic_save_npz
 from .flags import sampling_defaults  # noqa: F401  (importable from here, as before)
 from .image_utils import save_sample_grid, to_uint8_nhwc
-from .precision import AUTO, MixedPrecision, ModelCall, native_bf16
-from .script_util import NUM_CLASSES, args_to_dict, speed_from_args
+from .precision import AUTO, MixedPrecision, ModelCall, native_bf16, set_cuda_math
+from .samplers import ANCESTRAL, classifier_free_guidance, network_evaluations, resolve_sampler, sample_loop
+from .script_util import ARGS_JSON, NUM_CLASSES, args_to_dict, save_args_json, speed_from_args
 
 # Tags keep the seed streams of start noise and step noise apart.
 _SAMPLE_STREAM = 0
@@ -66,8 +68,80 @@ def validate_sampling_args(args: argparse.Namespace) -> None:
         raise UserError(f"--num_grid {args.num_grid}: must be 0 (no grid) or a positive integer")
     if args.eta < 0:
         raise UserError(f"--eta {args.eta}: DDIM eta must be >= 0 (0 = deterministic)")
-    if args.eta != 0 and not args.use_ddim:
-        raise UserError(f"--eta {args.eta} only applies to DDIM sampling: add --use_ddim True")
+    if args.eta != 0 and resolve_sampler(args.sampler, args.use_ddim) != "ddim":
+        raise UserError(f"--eta {args.eta} only applies to DDIM sampling: add --sampler ddim (or --use_ddim True)")
+    if not args.guidance_scale >= 0 or args.guidance_scale == float("inf"):
+        raise UserError(f"--guidance_scale {args.guidance_scale}: must be a finite number >= 0 (1: no guidance)")
+
+
+def check_sampler_flags(args: argparse.Namespace, diffusion: Any, model: torch.nn.Module) -> int:
+    """
+    Resolve ``--sampler`` (``--use_ddim True`` means ``ddim``) into ``args.sampler`` and check
+    it against the diffusion's (respaced) steps, and ``--guidance_scale`` against the model.
+
+    :return: the number of network evaluations (NFE) per sample.
+    """
+    args.sampler = resolve_sampler(args.sampler, args.use_ddim)
+    check_guidance(args.guidance_scale, model)
+    return network_evaluations(args.sampler, diffusion.num_timesteps)
+
+
+def check_guidance(guidance_scale: float, model: torch.nn.Module) -> None:
+    """
+    Classifier-free guidance (any ``--guidance_scale`` but 1) needs a null label: a label table
+    of ``num_classes + 1`` rows, i.e. a model trained with ``--class_dropout_prob > 0``. The
+    model is built from the flags and loads its checkpoint strictly, so its table is the
+    checkpoint's.
+    """
+    if guidance_scale == 1.0:
+        return
+    label_emb = getattr(model, "label_emb", None)
+    if label_emb is None:
+        raise UserError(
+            f"--guidance_scale {guidance_scale}: classifier-free guidance needs a class-conditional model trained "
+            "with --class_dropout_prob > 0; this one is unconditional (--class_cond False)"
+        )
+    rows = label_emb.weight.shape[0]
+    if rows != model.num_classes + 1:
+        raise UserError(
+            f"--guidance_scale {guidance_scale}: classifier-free guidance needs a model trained with "
+            f"--class_dropout_prob > 0, whose label table has a null row; this one has {rows} rows = --num_classes "
+            f"{model.num_classes} (--class_dropout_prob 0; pass the training value if args.json is missing)"
+        )
+
+
+def guided(model_fn: Callable[..., torch.Tensor], model: torch.nn.Module, guidance_scale: float) -> Callable:
+    """
+    ``model_fn`` (the model, maybe under autocast) with classifier-free guidance at ``guidance_scale``
+    [CFG Eq. 6] (:func:`.samplers.classifier_free_guidance`); unchanged at 1. Checked by :func:`check_guidance`.
+    """
+    check_guidance(guidance_scale, model)
+    if guidance_scale == 1.0:
+        return model_fn
+    logger.log(
+        f"--guidance_scale {guidance_scale}: classifier-free guidance, each network evaluation one pass of "
+        "the conditional and unconditional halves (twice the batch)"
+    )
+    return classifier_free_guidance(model_fn, guidance_scale, null_label=model.null_label)
+
+
+def save_sampling_args(args: argparse.Namespace, nfe: int) -> str:
+    """
+    Write every flag plus ``nfe`` (network evaluations per sample) as ``args.json`` beside the
+    ``.npz`` in the log folder; ``sample_args.json`` if that folder holds the checkpoint, whose
+    training ``args.json`` it must not replace. Call on rank 0 only.
+
+    :return: the path written.
+    """
+    folder = logger.get_dir()
+    record = argparse.Namespace(**vars(args), nfe=nfe)
+    checkpoint_folder = os.path.dirname(os.path.abspath(args.model_path))
+    if os.path.abspath(folder) != checkpoint_folder:
+        return save_args_json(record, folder)
+    path = os.path.join(folder, "sample_" + ARGS_JSON)
+    atomic_save_json(vars(record), path)
+    logger.log(f"the log folder holds the checkpoint and its {ARGS_JSON}: sampling flags saved as {path}")
+    return path
 
 
 def require_model_path(args: argparse.Namespace) -> None:
@@ -132,6 +206,7 @@ def model_session(
     with dist_util.abort_on_error():
         logger.configure(dir=args.log_dir or None)
         logger.log(model.speed.summary())
+        logger.log(set_cuda_math())  # float32 sampling is float32 (no TF32)
         log_saved_flags(taken, args.model_path, argv)
         logger.log(f"loading {args.model_path}...")
         load_checkpoint(model, args, keys)
@@ -200,6 +275,7 @@ def sample_images(
     seed: int,
     use_ddim: bool = False,
     eta: float = 0.0,
+    sampler: str = ANCESTRAL,
     clip_denoised: bool = True,
     kwargs_fn: Optional[KwargsFn] = None,
     gather_keys: Sequence[str] = ("y",),
@@ -211,6 +287,8 @@ def sample_images(
     Draw ``num_samples`` images, split over the ranks, with per-sample seeded start noise.
 
     :param image_shape: ``(C, H, W)`` of one sample.
+    :param sampler: one of :data:`.samplers.SAMPLERS` (``use_ddim=True`` means ``"ddim"``);
+        the diffusion's (respaced) steps decide where the model is evaluated.
     :param kwargs_fn: called per batch with the batch's global indices and their generators
         (already used for x_T) and returns the model kwargs, e.g. ``{"y": (B,) int64}``.
     :param gather_keys: the model kwargs to return with the images (labels; not ``low_res``).
@@ -220,30 +298,33 @@ def sample_images(
         kwargs in ``gather_keys``, gathered the same way, as NumPy arrays; on other ranks
         ``(None, {})``.
     """
+    sampler = resolve_sampler(sampler, use_ddim)
+    nfe = network_evaluations(sampler, diffusion.num_timesteps)
+    logger.log(f"sampler {sampler}: {diffusion.num_timesteps} steps, {nfe} network evaluations per sample (NFE)")
     rank = dist_util.get_rank()
     show = progress and rank == 0
     indices = rank_indices(num_samples)
-    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-    images, kwargs_parts = [], []
-    for batch_index, batch in enumerate(_progress(batches, show, "batches")):
+    # Every rank takes part in as many gathers as rank 0 (which has the most samples) has batches.
+    num_batches = -(-len(range(0, num_samples, dist_util.get_world_size())) // batch_size)
+    parts: List[Dict[str, np.ndarray]] = []
+    for batch_index in _progress(range(num_batches), show, "batches"):
+        batch = indices[batch_index * batch_size : (batch_index + 1) * batch_size]
         generators = sample_generators(seed, batch, script)
-        noise = torch.stack([torch.randn(image_shape, generator=g) for g in generators])  # (B, C, H, W)
         model_kwargs = kwargs_fn(batch, generators) if kwargs_fn is not None else {}
-        # Step noise: the diffusion draws it from the global RNG (see the module docstring).
-        torch.manual_seed(derive_seed(seed, script, _STEP_STREAM, rank, batch_index))
-        sample = _run_loop(model, diffusion, noise, model_kwargs, use_ddim, eta, clip_denoised, show, cond_fn)
-        images.append(torch.from_numpy(to_uint8_nhwc(sample)))
-        kwargs_parts.append({k: v.cpu() for k, v in model_kwargs.items() if k in gather_keys})
-    if not batches and kwargs_fn is not None:
-        # A rank with no samples still takes part in every gather, with empty tensors.
-        kwargs_parts.append({k: v for k, v in kwargs_fn(indices, []).items() if k in gather_keys})
-    c, h, w = image_shape
-    local = {"images": torch.cat(images) if images else torch.zeros((0, h, w, c), dtype=torch.uint8)}
-    for key in kwargs_parts[0] if kwargs_parts else ():
-        local[key] = torch.cat([part[key] for part in kwargs_parts])
-    gathered = _gather_in_order(local, torch.from_numpy(indices), num_samples)
-    if gathered is None:
+        local = {"index": batch, **{k: v.cpu().numpy() for k, v in model_kwargs.items() if k in gather_keys}}
+        if len(batch):
+            noise = torch.stack([torch.randn(image_shape, generator=g) for g in generators])
+            # Step noise: the diffusion draws it from the global RNG (see the module docstring).
+            torch.manual_seed(derive_seed(seed, script, _STEP_STREAM, rank, batch_index))
+            sample = _run_loop(model, diffusion, noise, model_kwargs, sampler, eta, clip_denoised, show, cond_fn)
+            local["images"] = to_uint8_nhwc(sample)
+        else:  # a rank with fewer samples still takes part in every gather
+            c, h, w = image_shape
+            local["images"] = np.zeros((0, h, w, c), dtype=np.uint8)
+        parts += dist_util.gather_to_rank0(local) or []
+    if rank != 0:
         return None, {}
+    gathered = _in_index_order(parts, num_samples)
     return gathered.pop("images"), gathered
 
 
@@ -252,19 +333,21 @@ def _run_loop(
     diffusion: Any,
     noise: torch.Tensor,
     model_kwargs: Dict[str, torch.Tensor],
-    use_ddim: bool,
+    sampler: str,
     eta: float,
     clip_denoised: bool,
     progress: bool,
     cond_fn: Optional[Callable[..., torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """One batch through the ancestral or DDIM loop, from x_T = ``noise`` (B, C, H, W)."""
+    """One batch through the ``sampler``'s loop (:func:`.samplers.sample_loop`), from x_T = ``noise`` (B, C, H, W)."""
     device = dist_util.dev()
-    loop = functools.partial(diffusion.ddim_sample_loop, eta=eta) if use_ddim else diffusion.p_sample_loop
     with torch.no_grad():
-        return loop(
+        return sample_loop(
+            diffusion,
             model,
             tuple(noise.shape),
+            sampler=sampler,
+            eta=eta,
             noise=noise.to(device),
             clip_denoised=clip_denoised,
             model_kwargs={k: v.to(device) for k, v in model_kwargs.items()},
@@ -312,26 +395,21 @@ def labels_for_classifier_only(model: Callable[..., torch.Tensor], class_cond: b
     return model_fn
 
 
-def _gather_in_order(
-    local: Dict[str, torch.Tensor], index: torch.Tensor, num_samples: int
-) -> Optional[Dict[str, np.ndarray]]:
+def _in_index_order(parts: Sequence[Dict[str, np.ndarray]], num_samples: int) -> Dict[str, np.ndarray]:
     """
-    Gather per-sample tensors from every rank and put each row at its global sample index.
+    Put the rows of gathered batches at their global sample index.
 
-    :param local: this rank's (n_r, ...) tensors.
-    :param index: (n_r,) int64 global indices of those rows.
-    :return: on rank 0 the (num_samples, ...) arrays under the same keys; None elsewhere.
+    :param parts: per batch and rank, ``"index"`` (n,) int64 global indices and (n, ...) arrays.
+    :return: the (num_samples, ...) arrays under the same keys, ``"index"`` left out.
     """
-    order = torch.cat(dist_util.all_gather_tensors(index)).numpy()
-    parts = {key: dist_util.all_gather_tensors(value) for key, value in local.items()}
-    if dist_util.get_rank() != 0:
-        return None
+    order = np.concatenate([part["index"] for part in parts])
     assert sorted(order.tolist()) == list(range(num_samples))
     out = {}
-    for key, tensors in parts.items():
-        values = torch.cat(tensors).numpy()
-        out[key] = np.empty_like(values)
-        out[key][order] = values
+    for key in parts[0] if parts else ():
+        if key != "index":
+            values = np.concatenate([part[key] for part in parts])
+            out[key] = np.empty_like(values)
+            out[key][order] = values
     return out
 
 
@@ -371,9 +449,9 @@ def save_samples(
     return path
 
 
-def parse_class_labels(text: str, class_cond: bool) -> Optional[List[int]]:
+def parse_class_labels(text: str, class_cond: bool, num_classes: int = NUM_CLASSES) -> Optional[List[int]]:
     """
-    Parse ``--class_labels "0,1,2"`` (cycled over the samples); each in ``[0, NUM_CLASSES)``.
+    Parse ``--class_labels "0,1,2"`` (cycled over the samples); each in ``[0, num_classes)``.
 
     :return: the labels, or None when the flag is empty.
     """
@@ -387,32 +465,36 @@ def parse_class_labels(text: str, class_cond: bool) -> Optional[List[int]]:
             label = int(part.strip())
         except ValueError:
             raise UserError(f"--class_labels {text!r}: expected a comma list of integers like 0,1,2") from None
-        if not 0 <= label < NUM_CLASSES:
-            raise UserError(f"--class_labels {text!r}: label {label} is outside [0, {NUM_CLASSES})")
+        if not 0 <= label < num_classes:
+            raise UserError(f"--class_labels {text!r}: label {label} is outside [0, {num_classes}) (--num_classes)")
         labels.append(label)
     return labels
 
 
 def labels_for(
-    indices: np.ndarray, generators: List[torch.Generator], class_labels: Optional[List[int]]
+    indices: np.ndarray,
+    generators: List[torch.Generator],
+    class_labels: Optional[List[int]],
+    num_classes: int = NUM_CLASSES,
 ) -> torch.Tensor:
     """
     Class labels of the samples ``indices``: ``class_labels`` cycled by global index, else a
-    uniform random label drawn from each sample's own generator (after its start noise).
+    uniform random label in ``[0, num_classes)`` drawn from each sample's own generator (after
+    its start noise).
 
     :return: (B,) int64.
     """
     if class_labels is not None:
         return torch.tensor([class_labels[int(i) % len(class_labels)] for i in indices], dtype=torch.int64)
     return torch.cat(
-        [torch.randint(0, NUM_CLASSES, (1,), generator=g) for g in generators] + [torch.zeros(0, dtype=torch.int64)]
+        [torch.randint(0, num_classes, (1,), generator=g) for g in generators] + [torch.zeros(0, dtype=torch.int64)]
     )
 
 
-def class_label_kwargs(class_labels: Optional[List[int]]) -> KwargsFn:
+def class_label_kwargs(class_labels: Optional[List[int]], num_classes: int = NUM_CLASSES) -> KwargsFn:
     """The ``kwargs_fn`` of a class-conditional model: ``{"y": labels_for(...)}``."""
 
     def kwargs_fn(indices: np.ndarray, generators: List[torch.Generator]) -> Dict[str, torch.Tensor]:
-        return {"y": labels_for(indices, generators, class_labels)}
+        return {"y": labels_for(indices, generators, class_labels, num_classes)}
 
     return kwargs_fn

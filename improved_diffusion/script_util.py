@@ -56,6 +56,8 @@ _UNET_FLAGS = (
     "resblock_updown",
     "use_new_attention_order",
     "use_fp16",
+    "num_classes",
+    "class_dropout_prob",
     "image_channels",
 )
 # The noised classifier's fixed settings in guided-diffusion's factory [ADM §4].
@@ -130,6 +132,8 @@ def create_model_and_diffusion(
     resblock_updown: bool = False,
     use_new_attention_order: bool = False,
     use_fp16: bool = False,
+    num_classes: int = NUM_CLASSES,
+    class_dropout_prob: float = 0.0,
     image_channels: int = 3,
     snr_gamma: float = 0.0,
     speed: Optional[SpeedSettings] = None,
@@ -164,6 +168,8 @@ def create_model(
     resblock_updown: bool = False,
     use_new_attention_order: bool = False,
     use_fp16: bool = False,
+    num_classes: int = NUM_CLASSES,
+    class_dropout_prob: float = 0.0,
     image_channels: int = 3,
     speed: Optional[SpeedSettings] = None,
 ) -> UNetModel:
@@ -190,6 +196,7 @@ def _build_unet(
     _check_positive(num_heads=v["num_heads"])
     if not 0.0 <= v["dropout"] < 1.0:
         raise UserError(f"--dropout {v['dropout']}: must be in [0, 1)")
+    _check_label_flags(v["class_cond"], v["num_classes"], v["class_dropout_prob"])
     channels = v["image_channels"]
     image_mode(channels)  # an unsupported channel count is a UserError naming --image_channels
     return cls(
@@ -200,7 +207,8 @@ def _build_unet(
         attention_resolutions=attention_downsample_factors(v["attention_resolutions"], size),
         dropout=v["dropout"],
         channel_mult=channel_mult_for(size, v["channel_mult"], flag=size_flag, table=mult_table),
-        num_classes=(NUM_CLASSES if v["class_cond"] else None),
+        num_classes=(v["num_classes"] if v["class_cond"] else None),
+        class_dropout_prob=v["class_dropout_prob"],
         use_checkpoint=v["use_checkpoint"],
         num_heads=v["num_heads"],
         num_heads_upsample=v["num_heads_upsample"],
@@ -211,6 +219,19 @@ def _build_unet(
         use_fp16=v["use_fp16"],
         speed=speed,
     )
+
+
+def _check_label_flags(class_cond: bool, num_classes: int, class_dropout_prob: float) -> None:
+    """``--num_classes`` positive; ``--class_dropout_prob`` in [0, 1), and only for a class-conditional model."""
+    if class_cond:
+        _check_positive(num_classes=num_classes)
+    if not 0.0 <= class_dropout_prob < 1.0:
+        raise UserError(f"--class_dropout_prob {class_dropout_prob}: must be in [0, 1)")
+    if class_dropout_prob > 0 and not class_cond:
+        raise UserError(
+            f"--class_dropout_prob {class_dropout_prob} drops class labels: it needs a class-conditional "
+            "model (--class_cond True)"
+        )
 
 
 def sr_model_and_diffusion_defaults() -> Dict[str, Any]:
@@ -243,6 +264,8 @@ def sr_create_model_and_diffusion(
     resblock_updown: bool = False,
     use_new_attention_order: bool = False,
     use_fp16: bool = False,
+    num_classes: int = NUM_CLASSES,
+    class_dropout_prob: float = 0.0,
     image_channels: int = 3,
     snr_gamma: float = 0.0,
     speed: Optional[SpeedSettings] = None,
@@ -271,6 +294,8 @@ def sr_create_model(
     resblock_updown: bool = False,
     use_new_attention_order: bool = False,
     use_fp16: bool = False,
+    num_classes: int = NUM_CLASSES,
+    class_dropout_prob: float = 0.0,
     image_channels: int = 3,
     speed: Optional[SpeedSettings] = None,
 ) -> SuperResModel:
@@ -436,8 +461,15 @@ def create_preset_model(name: str) -> Any:
 
 
 def speed_from_args(args: argparse.Namespace) -> SpeedSettings:
-    """The network's :class:`~improved_diffusion.nn.SpeedSettings` from the SPEED flags."""
-    return SpeedSettings(**args_to_dict(args, speed_defaults()))
+    """
+    The network's :class:`~improved_diffusion.nn.SpeedSettings` from the SPEED flags. With
+    ``--deterministic``, ``--winograd auto`` becomes the fixed size rule: a choice by timing can
+    differ between two runs, and with it the float rounding.
+    """
+    settings = args_to_dict(args, speed_defaults())
+    if getattr(args, "deterministic", False) and settings["winograd"] == AUTO:
+        settings["winograd"] = True
+    return SpeedSettings(**settings)
 
 
 def script_parser(script: str, doc: str) -> FlagParser:

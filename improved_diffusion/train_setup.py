@@ -17,8 +17,8 @@ from . import dist_util, logger
 from .classifier_train_util import ClassifierTrainLoop, check_classifier_train_settings
 from .errors import UserError
 from .flags import training_defaults  # noqa: F401  (importable from here, as before)
-from .image_datasets import check_enough_images, list_image_files, load_data, load_superres_data
-from .precision import check_precision_flags
+from .image_datasets import check_class_count, check_enough_images, list_image_files, load_data, load_superres_data
+from .precision import check_precision_flags, set_cuda_math
 from .resample import SCHEDULE_SAMPLERS, create_named_schedule_sampler
 from .script_util import (
     args_to_dict,
@@ -125,14 +125,16 @@ def compile_model(model: torch.nn.Module, enabled: bool) -> None:
     """
     ``torch.compile`` the model in place (its state_dict keys do not change). A compile error
     surfaces at the first forward pass (no global error suppression hides it); a torch without
-    ``compile`` runs eagerly with a logged warning.
+    ``compile`` runs eagerly with a logged warning. Shapes are static: a last microbatch of
+    another size gets its own graph once (at most two per run), instead of torch's automatic
+    switch to one dynamic-shape graph that every later step would then run.
     """
     if not enabled:
         return
     if not hasattr(model, "compile"):
         logger.log("warning: --compile: this torch has no torch.compile; running eagerly")
         return
-    model.compile()
+    model.compile(dynamic=False)
     logger.log("--compile: the model runs through torch.compile")
 
 
@@ -153,8 +155,12 @@ def run_training(
     """
     validate_training_args(args)
     # Before any process group exists, so that every rank stops alike and rank 0 reports once.
-    check_enough_images(args.data_dir, len(list_image_files(args.data_dir)), dist_util.detect_launch().world_size)
+    files = list_image_files(args.data_dir)
+    check_enough_images(args.data_dir, len(files), dist_util.detect_launch().world_size)
+    if getattr(args, "class_cond", False):  # the diffusion trainers' label table (the classifier has none)
+        check_class_count(args.data_dir, files, args.num_classes)
     seed_everything(args.seed)  # the same initial weights on every rank
+    cuda_math = set_cuda_math(args.deterministic)  # before CUDA starts: cuBLAS reads its workspace setting once
     model, diffusion = build()
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
 
@@ -162,6 +168,7 @@ def run_training(
     with dist_util.abort_on_error():
         logger.configure(dir=args.log_dir or None)
         logger.log(model.speed.summary())
+        logger.log(cuda_math)
         seed_everything(args.seed, dist_util.get_rank())  # each rank draws its own noise and timesteps
         model.to(dist_util.dev())
         compile_model(model, args.compile)

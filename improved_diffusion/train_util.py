@@ -25,7 +25,7 @@ from .checkpoints import (  # noqa: F401  (the original's names, importable from
     parse_resume_step_from_filename,
 )
 from .errors import UserError
-from .precision import MixedPrecision, ModelCall, grad_norm
+from .precision import MixedPrecision, ModelCall, grad_norm, make_adamw
 from .resample import LossAwareSampler, UniformSampler
 
 # Float16 halves the loss scale on every skipped step; this many skips in a row means the loss
@@ -110,7 +110,7 @@ class TrainerBase:
         self.world_size = dist_util.get_world_size()
         self.global_batch = batch_size * self.world_size
         self.step = 0  # optimizer steps done in total, including those before a resume
-        self.nonfinite_in_a_row = 0
+        self.nonfinite = NonfiniteSteps(self.device)
         self._last_saved_step: Optional[int] = None
         self.last_logged: Dict[str, Any] = {}  # what log_step wrote last
 
@@ -121,14 +121,14 @@ class TrainerBase:
         self.params = list(self.model.parameters())
         self.param_names = [name for name, _ in self.model.named_parameters()]
         self.precision = MixedPrecision(self.device, use_fp16, use_bf16, fp16_scale_growth, log=logger.log)
-        self.opt = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=self.weight_decay)
+        self.opt = make_adamw(self.params, self.lr, self.weight_decay)
         self.ema_params = [[p.detach().clone().float() for p in self.params] for _ in self.ema_rate]
         self.training = TrainingState(
             self.model, self.opt, self.ema_rate, self.ema_params, self.schedule_sampler, self.data
         )
         self._resume()
         dist_util.sync_params(self.params)
-        self.ddp_model = self._wrap_ddp()
+        self.ddp_model = wrap_ddp(self.model, self.device, self.world_size)
         # The DDP-wrapped model under autocast; its output goes back to float32 for the loss.
         self._network = ModelCall(self.ddp_model, self.precision, channels_last)
         self._reset_log_accumulators()
@@ -137,26 +137,21 @@ class TrainerBase:
     # setup
 
     @property
+    def nonfinite_in_a_row(self) -> int:
+        """Non-finite steps in a row up to now (reading it syncs with the device)."""
+        return self.nonfinite.in_a_row
+
+    @property
     def stop_signal(self) -> Optional[int]:
         """The signal that stopped training, or None."""
         return self.stop.signum
-
-    def _wrap_ddp(self) -> torch.nn.Module:
-        if not (dist.is_available() and dist.is_initialized() and self.world_size > 1):
-            return self.model
-        return torch.nn.parallel.DistributedDataParallel(
-            self.model,
-            device_ids=[self.device] if self.device.type == "cuda" else None,
-            bucket_cap_mb=128,
-            find_unused_parameters=False,
-        )
 
     def _resume(self) -> None:
         step, state = checkpoints.resume(self.resume_checkpoint, self.log_dir, self.training)
         if step is not None:
             self.step = self._last_saved_step = step
         self.precision.load_state_dict(state.get("precision", {}))
-        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        self.nonfinite.run.fill_(int(state.get("nonfinite_in_a_row", 0)))
         if hasattr(self.model, "load_speed_state"):
             self.model.load_speed_state(state.get("conv_paths", {}))
 
@@ -177,7 +172,7 @@ class TrainerBase:
                     self.log_step()
                 if self.save_interval > 0 and self.step % self.save_interval == 0:
                     self.save()
-                if self.stop.agreed(self.device):
+                if self.stop.agreed(self.device, due=self.step % self.log_interval == 0):
                     logger.log(f"stopping on signal {self.stop.signum} at step {self.step}")
                     break
             if self._last_saved_step != self.step:
@@ -192,15 +187,22 @@ class TrainerBase:
         limits = [s for s in self.step_limits() if s > 0]
         return min(limits) if limits else 0
 
-    def _done(self) -> bool:
-        return self._total_steps() > 0 and self.step >= self._total_steps()
+    def _done(self, step: Optional[int] = None) -> bool:
+        return self._total_steps() > 0 and (self.step if step is None else step) >= self._total_steps()
+
+    def _reads_host(self, step: int) -> bool:
+        """Whether step ``step`` (1-based) waits for the device anyway: it logs, saves or is the last."""
+        saves = self.save_interval > 0 and step % self.save_interval == 0
+        return step % self.log_interval == 0 or saves or self._done(step)
 
     def run_step(self, batch: torch.Tensor, cond: Dict[str, torch.Tensor]) -> None:
-        """One optimizer step on one batch: accumulate, step, EMA, count."""
+        """
+        One optimizer step on one batch: accumulate, step, EMA, count. No host-device sync
+        (on CUDA with pinned batches), except on steps that log or save (:meth:`optimize`).
+        """
         self.forward_backward(batch, cond)
         took_step = self.optimize()
-        if took_step:
-            self.update_ema()
+        self.update_ema(took_step)
         self.step += 1
 
     def forward_backward(self, batch: torch.Tensor, cond: Dict[str, torch.Tensor]) -> None:
@@ -232,35 +234,33 @@ class TrainerBase:
             yield micro, micro_cond, micro.shape[0] / n, sync
 
     def _update_sampler(self, t: torch.Tensor, losses: torch.Tensor) -> None:
-        """Feed a loss-aware timestep sampler the finite per-sample losses (N,) at timesteps t (N,)."""
+        """
+        Feed a loss-aware timestep sampler the per-sample losses (N,) at timesteps t (N,); call it
+        after the backward, so that its gather (a host sync by design) does not stall it. The
+        sampler leaves out non-finite losses itself, on the host (no boolean mask here).
+        """
         if isinstance(self.schedule_sampler, LossAwareSampler):
-            finite = torch.isfinite(losses.detach())
-            self.schedule_sampler.update_with_local_losses(t[finite], losses.detach()[finite])
+            self.schedule_sampler.update_with_local_losses(t, losses.detach())
 
-    def optimize(self) -> bool:
+    def optimize(self) -> torch.Tensor:
         """
         Unscale and measure the gradient, anneal the learning rate, and step AdamW unless the
-        gradient is not finite; a run of non-finite steps stops training with a UserError.
+        gradient is not finite, all decided on the device. Non-finite steps are counted there
+        too; on a step that logs or saves, a run of ``max_nonfinite_steps`` of them (at any step
+        since the last such check) stops training with a UserError.
 
-        :return: True if the weights were updated.
+        :return: 0-d bool tensor, True if the weights were updated.
         """
         self.precision.unscale_(self.opt)
         norm = grad_norm(self.params)
         self._anneal_lr()
-        took_step = self.precision.step(self.opt, norm)
-        if took_step:
-            self.nonfinite_in_a_row = 0
-            self._merge_step_stats(norm)
-            return True
-        self.nonfinite_in_a_row += 1
+        took_step = self.precision.step(self.opt, norm).to(self.device)
         limit = self.max_nonfinite_steps if self.precision.scaler is None else FP16_MAX_SKIPS_IN_A_ROW
-        if self.nonfinite_in_a_row >= limit:
-            raise UserError(
-                f"training stopped: loss was NaN/Inf for {self.nonfinite_in_a_row} steps in a row at step "
-                f"{self.step + 1}; lower --lr or check the data (weights and checkpoints hold no NaN)"
-            )
-        logger.log(f"step {self.step + 1}: non-finite loss or gradient, step skipped")
-        return False
+        self.nonfinite.record(took_step, self.step + 1, limit)
+        self._merge_step_stats(norm, took_step)
+        if self._reads_host(self.step + 1):
+            self.nonfinite.check(limit)
+        return took_step
 
     def _anneal_lr(self) -> None:
         if not self.lr_anneal_steps:
@@ -270,12 +270,12 @@ class TrainerBase:
             group["lr"] = self.lr * (1 - frac_done)
 
     @torch.no_grad()
-    def update_ema(self) -> None:
-        """``ema = rate * ema + (1 - rate) * param`` for every rate, after each optimizer step."""
+    def update_ema(self, took_step: torch.Tensor) -> None:
+        """``ema = rate * ema + (1 - rate) * param`` for every rate, unless the 0-d bool ``took_step`` is False."""
         params = [p.detach().float() for p in self.params]
         for rate, ema in zip(self.ema_rate, self.ema_params):
-            torch._foreach_mul_(ema, rate)
-            torch._foreach_add_(ema, params, alpha=1 - rate)
+            torch._foreach_mul_(ema, torch.where(took_step, rate, 1.0))
+            torch._foreach_add_(ema, torch._foreach_mul(params, torch.where(took_step, 1 - rate, 0.0)))
 
     # -----------------------------------------------------------------------------------------
     # logging: statistics stay on the device until log_step reads them in one transfer
@@ -284,27 +284,33 @@ class TrainerBase:
         self._loss_sums: Dict[str, torch.Tensor] = {}
         self._loss_counts = torch.zeros(4, device=self.device)
         self._grad_norm_sum = torch.zeros((), device=self.device)
-        self._steps_taken = 0
+        self._steps_taken = torch.zeros((), device=self.device)
         self._step_stats = {}
 
     def _accumulate_losses(self, t: torch.Tensor, weights: torch.Tensor, losses: Dict[str, torch.Tensor]) -> None:
         """Add per-sample values (N,) at timesteps t (N,), weighted by ``weights`` (N,), to the step's sums."""
         self._step_stats = add_quartile_sums(self._step_stats, t, self.num_timesteps, losses, weights)
 
-    def _merge_step_stats(self, norm: torch.Tensor) -> None:
+    def _merge_step_stats(self, norm: torch.Tensor, took: torch.Tensor) -> None:
+        """Add the step's statistics to the interval's, unless the 0-d bool ``took`` is False."""
         for key, sums in self._step_stats.items():
+            kept = torch.where(took, sums, 0.0)
             if key == "_count":
-                self._loss_counts += sums
+                self._loss_counts += kept
             else:
-                self._loss_sums[key] = self._loss_sums.get(key, 0) + sums
-        self._grad_norm_sum += norm.to(self.device)
-        self._steps_taken += 1
+                self._loss_sums[key] = self._loss_sums.get(key, 0) + kept
+        self._grad_norm_sum += torch.where(took, norm.to(self.device), 0.0)
+        self._steps_taken += took
 
     def log_step(self) -> None:
         """Log the interval's means (each loss and its t-quartiles, grad_norm) and counters."""
         log_quartile_sums({"_count": self._loss_counts, **self._loss_sums})
-        if self._steps_taken:
-            logger.logkv_mean("grad_norm", self._grad_norm_sum.item() / self._steps_taken)
+        taken = int(self._steps_taken.item())
+        if taken:
+            logger.logkv_mean("grad_norm", self._grad_norm_sum.item() / taken)
+        skipped = self.nonfinite.pop_skipped()
+        if skipped:
+            logger.log(f"{skipped} step(s) skipped since the last log row: NaN/Inf loss or gradient")
         with torch.no_grad():
             logger.logkv("param_norm", torch.nn.utils.get_total_norm([p.detach() for p in self.params]).item())
         logger.logkv("step", self.step)
@@ -346,7 +352,8 @@ def add_quartile_sums(
     :return: ``sums`` updated in place (and returned).
     """
     quartile = torch.div(4 * t, num_timesteps, rounding_mode="floor").clamp(0, 3)
-    sums["_count"] = sums.get("_count", 0) + torch.bincount(quartile, minlength=4).float()
+    ones = torch.ones(t.shape, device=t.device)  # a per-quartile count without bincount's host sync
+    sums["_count"] = sums.get("_count", 0) + torch.zeros(4, device=t.device).index_add_(0, quartile, ones)
     for key, value in values.items():
         weighted = value.detach().float() if weights is None else (value.detach() * weights).float()
         sums[key] = sums.get(key, 0) + torch.zeros(4, device=weighted.device).index_add_(0, quartile, weighted)
@@ -394,7 +401,7 @@ class TrainLoop(TrainerBase):
     :param use_bf16: bfloat16 autocast for the network's forward (no loss scaling).
     :param max_steps: stop after this many steps in total (0 = no limit).
     :param log_dir: checkpoint folder (default ``logger.get_dir()``).
-    :param max_nonfinite_steps: stop with an error after this many non-finite losses in a row.
+    :param max_nonfinite_steps: stop with an error after this many non-finite losses in a row (seen when logging).
     :param channels_last: feed the network channels-last tensors (faster convolutions on GPUs).
     :param handle_signals: save a checkpoint on SIGTERM / SIGINT, then return from run_loop.
     """
@@ -469,10 +476,62 @@ class TrainLoop(TrainerBase):
             t, weights = self.schedule_sampler.sample(micro.shape[0], self.device)
             with sync:
                 losses = self.diffusion.training_losses(self._network, micro, t, model_kwargs=micro_cond)
-                self._update_sampler(t, losses["loss"])
                 loss = (losses["loss"] * weights).mean() * share
                 self._accumulate_losses(t, weights, losses)
                 self.precision.backward(loss)
+            self._update_sampler(t, losses["loss"])
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device, world_size: int) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel when several processes train (else ``model`` itself)."""
+    if not (dist.is_available() and dist.is_initialized() and world_size > 1):
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=[device] if device.type == "cuda" else None,
+        bucket_cap_mb=128,
+        find_unused_parameters=False,
+    )
+
+
+class NonfiniteSteps:
+    """
+    Non-finite (skipped) steps, counted on the device so that a step needs no host sync: the
+    current run of them, and the step at which a run first reached the limit; :meth:`check`
+    (a host sync, made where the trainer syncs anyway) turns the latter into the UserError.
+    """
+
+    def __init__(self, device: torch.device):
+        self.run = torch.zeros((), device=device)  # 0-d float32: non-finite steps in a row
+        self.reached_at = torch.zeros((), dtype=torch.int64, device=device)  # 0 = never
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)  # since the last pop_skipped
+
+    @property
+    def in_a_row(self) -> int:
+        """The current run (reading it syncs with the device)."""
+        return int(self.run.item())
+
+    def record(self, took_step: torch.Tensor, step: int, limit: int) -> None:
+        """Count step ``step`` (1-based), skipped where the 0-d bool ``took_step`` is False."""
+        self.run.add_(1).mul_(~took_step)
+        self.skipped.add_(~took_step)
+        first_time = (self.reached_at == 0) & (self.run >= limit)
+        self.reached_at = torch.where(first_time, step, self.reached_at)
+
+    def pop_skipped(self) -> int:
+        """Skipped steps since the last call (a host sync)."""
+        skipped = int(self.skipped.item())
+        self.skipped.zero_()
+        return skipped
+
+    def check(self, limit: int) -> None:
+        """Raise the UserError if a run reached ``limit`` at any step recorded so far."""
+        step = int(self.reached_at.item())
+        if step:
+            raise UserError(
+                f"training stopped: loss was NaN/Inf for {limit} steps in a row at step {step}; "
+                "lower --lr or check the data (weights and checkpoints hold no NaN)"
+            )
 
 
 def step_progress(total: int, done: int) -> Any:
@@ -515,10 +574,16 @@ class StopRequest:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
-    def agreed(self, device: torch.device) -> bool:
-        """Whether any rank received a signal (a collective with several ranks)."""
+    def agreed(self, device: torch.device, due: bool = True) -> bool:
+        """
+        Whether any rank received a signal. Alone, a look at a variable; with several ranks a
+        collective (and a host sync), so asked only where ``due`` (the trainer: at log steps,
+        which every rank reaches together); elsewhere the answer is False.
+        """
         if dist_util.get_world_size() == 1 or not dist.is_initialized():
             return self.signum is not None
+        if not due:
+            return False
         flag = torch.tensor([self.signum or 0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self.signum = int(flag.item()) or None

@@ -382,6 +382,10 @@ class UNetModel(_UNetBase):
     :param use_fp16: convert the torso's convolution weights to float16 (the originals' fp16
         mode, :meth:`convert_to_fp16`); prefer float32 weights under ``torch.autocast``.
     :param image_size: accepted for guided-diffusion's signature; the network does not use it.
+    :param class_dropout_prob: label dropout for classifier-free guidance [CFG Alg. 1]: in
+        training mode each label is replaced by the null label ``num_classes`` with this
+        probability. When positive, the label table has ``num_classes + 1`` rows (the last one
+        the null label, :attr:`null_label`); at 0 it has exactly ``num_classes``, as before.
     """
 
     def __init__(
@@ -406,14 +410,18 @@ class UNetModel(_UNetBase):
         use_fp16: bool = False,
         image_size: Optional[int] = None,
         speed: Optional[SpeedSettings] = None,
+        class_dropout_prob: float = 0.0,
     ):
         super().__init__(**{name: value for name, value in locals().items() if name in _BASE_OPTIONS})
         self.image_size = image_size
         self.out_channels = out_channels
         self.num_classes = num_classes
+        self.class_dropout_prob = class_dropout_prob
+        # The label of "no label" [CFG Alg. 1]: one extra row of the table, only with label dropout.
+        self.null_label = num_classes if num_classes is not None and class_dropout_prob > 0 else None
         # Registration order = the original's state_dict key order.
         if num_classes is not None:
-            self.label_emb = nn.Embedding(num_classes, model_channels * 4)
+            self.label_emb = nn.Embedding(num_classes + (self.null_label is not None), model_channels * 4)
         self.input_blocks, skip_chans = self._build_input_blocks()
         self.middle_block = self._build_middle_block(skip_chans[-1])
         self.output_blocks = self._build_output_blocks(skip_chans)
@@ -505,8 +513,21 @@ class UNetModel(_UNetBase):
         emb = self._time_embedding(x, timesteps)  # (N, 4C)
         if y is not None:
             assert y.shape == (x.shape[0],), f"labels {tuple(y.shape)} for batch {x.shape[0]}"
+            if self.training and self.null_label is not None:
+                y = self.drop_labels(y)
             emb = emb + self.label_emb(y)  # (N, 4C)
         return emb
+
+    def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
+        """
+        Each label replaced by :attr:`null_label` with probability ``class_dropout_prob``
+        [CFG Alg. 1] (uniforms from the global RNG, as dropout's).
+
+        :param y: (N,) int64 labels.
+        :return: (N,) int64 labels.
+        """
+        dropped = torch.rand(y.shape, device=y.device) < self.class_dropout_prob
+        return torch.where(dropped, torch.full_like(y, self.null_label), y)
 
 
 class SuperResModel(UNetModel):

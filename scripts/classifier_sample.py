@@ -8,8 +8,9 @@ override them, and ``--preset NAME`` sets those of a released checkpoint pair. T
 (``--class_labels 0,1,2``, cycled; random by default) go to the classifier, and to the model
 when it is class-conditional, so an unconditional model can be guided as well. Each step adds
 ``--classifier_scale`` times the gradient of the classifier's log-probability of the label:
-to the mean in ancestral sampling, to the score with ``--use_ddim True``. Seeds as in
-image_sample.py.
+to the mean in ancestral sampling, to the score with the other ``--sampler`` choices (``ddim``,
+``dpm++2m``, ``heun``). ``--guidance_scale`` other than 1 adds classifier-free guidance for a
+model trained with ``--class_dropout_prob > 0``. Seeds as in image_sample.py.
 """
 
 import argparse
@@ -23,8 +24,10 @@ from improved_diffusion.sample_util import (
     add_grid_alias,
     bf16_autocast,
     build_model_and_diffusion,
+    check_sampler_flags,
     class_label_kwargs,
     classifier_cond_fn,
+    guided,
     labels_for_classifier_only,
     load_checkpoint,
     log_saved_flags,
@@ -35,6 +38,7 @@ from improved_diffusion.sample_util import (
     validate_sampling_args,
 )
 from improved_diffusion.script_util import (
+    NUM_CLASSES,
     args_to_dict,
     classifier_defaults,
     create_classifier,
@@ -62,8 +66,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # Every flag is checked, and both networks built, before a log folder or process group exists.
     validate_sampling_args(args)
     validate_guidance_args(args, load_args_json(args.classifier_path) or {})
-    class_labels = parse_class_labels(args.class_labels, class_cond=True)  # the classifier is conditional
+    # The classifier is conditional (NUM_CLASSES logits); a class-conditional model takes the labels too.
+    num_classes = min(args.num_classes, NUM_CLASSES) if args.class_cond else NUM_CLASSES
+    class_labels = parse_class_labels(args.class_labels, class_cond=True, num_classes=num_classes)
     model, diffusion = build_model_and_diffusion(args, MODEL_KEYS, create_model_and_diffusion)
+    check_sampler_flags(args, diffusion, model)
     classifier = create_classifier(**args_to_dict(args, classifier_defaults()), speed=speed_from_args(args))
 
     with model_session(args, taken, argv, model, MODEL_KEYS):
@@ -76,16 +83,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             cond_fn = classifier_cond_fn(bf16_autocast(classifier, args.use_bf16), args.classifier_scale)
         logger.log(f"sampling with classifier scale {args.classifier_scale}...")
         images, kwargs = sample_images(
-            labels_for_classifier_only(bf16_autocast(model, args.use_bf16), args.class_cond),
+            labels_for_classifier_only(
+                guided(bf16_autocast(model, args.use_bf16), model, args.guidance_scale), args.class_cond
+            ),
             diffusion,
             num_samples=args.num_samples,
             batch_size=args.batch_size,
             image_shape=(args.image_channels, args.image_size, args.image_size),
             seed=args.seed,
-            use_ddim=args.use_ddim,
+            sampler=args.sampler,
             eta=args.eta,
             clip_denoised=args.clip_denoised,
-            kwargs_fn=class_label_kwargs(class_labels),
+            kwargs_fn=class_label_kwargs(class_labels, num_classes),
             cond_fn=cond_fn,
         )
         if dist_util.is_main_process():

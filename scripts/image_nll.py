@@ -16,7 +16,7 @@ import torch
 
 from improved_diffusion import dist_util, logger
 from improved_diffusion.errors import UserError, run_main
-from improved_diffusion.image_datasets import list_image_files, load_data
+from improved_diffusion.image_datasets import check_class_count, list_image_files, load_data
 from improved_diffusion.likelihood import evaluate_bpd, save_results
 from improved_diffusion.sample_util import (
     bf16_autocast,
@@ -42,7 +42,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # Every flag and the data folder are checked, and the model and diffusion built (which checks
     # the model/diffusion flags), before a log folder is created or a process group is joined.
     validate_args(args)
-    num_images = len(list_image_files(args.data_dir))
+    files = list_image_files(args.data_dir)
+    num_images = len(files)
+    if args.class_cond:
+        check_class_count(args.data_dir, files, args.num_classes)
     model, diffusion = build_model_and_diffusion(args, MODEL_KEYS, create_model_and_diffusion)
 
     with model_session(args, taken, argv, model, MODEL_KEYS):

@@ -20,11 +20,14 @@ from improved_diffusion.sample_util import (
     add_grid_alias,
     bf16_autocast,
     build_model_and_diffusion,
+    check_sampler_flags,
     class_label_kwargs,
+    guided,
     model_session,
     parse_class_labels,
     sample_images,
     save_samples,
+    save_sampling_args,
     validate_sampling_args,
 )
 from improved_diffusion.script_util import (
@@ -44,25 +47,27 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # Every flag is checked, and the model and diffusion built (which checks the model/diffusion
     # flags), before a log folder is created or a process group is joined.
     validate_sampling_args(args)
-    class_labels = parse_class_labels(args.class_labels, args.class_cond)
+    class_labels = parse_class_labels(args.class_labels, args.class_cond, args.num_classes)
     model, diffusion = build_model_and_diffusion(args, MODEL_KEYS, create_model_and_diffusion)
+    nfe = check_sampler_flags(args, diffusion, model)
 
     with model_session(args, taken, argv, model, MODEL_KEYS):
         logger.log("sampling...")
         images, kwargs = sample_images(
-            bf16_autocast(model, args.use_bf16),
+            guided(bf16_autocast(model, args.use_bf16), model, args.guidance_scale),
             diffusion,
             num_samples=args.num_samples,
             batch_size=args.batch_size,
             image_shape=(args.image_channels, args.image_size, args.image_size),
             seed=args.seed,
-            use_ddim=args.use_ddim,
+            sampler=args.sampler,
             eta=args.eta,
             clip_denoised=args.clip_denoised,
-            kwargs_fn=class_label_kwargs(class_labels) if args.class_cond else None,
+            kwargs_fn=class_label_kwargs(class_labels, args.num_classes) if args.class_cond else None,
         )
         if dist_util.is_main_process():
             save_samples(images, kwargs.get("y"), num_grid=args.num_grid, rows_by_label=class_labels is not None)
+            save_sampling_args(args, nfe)
         dist_util.barrier()
         logger.log("sampling complete")
 

@@ -21,9 +21,12 @@ from improved_diffusion.sample_util import (
     add_grid_alias,
     bf16_autocast,
     build_model_and_diffusion,
+    check_sampler_flags,
+    guided,
     model_session,
     sample_images,
     save_samples,
+    save_sampling_args,
     validate_sampling_args,
 )
 from improved_diffusion.script_util import (
@@ -47,9 +50,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if not args.base_samples:
         raise UserError("--base_samples is required: an .npz of low-resolution samples from image_sample.py")
     base_images, base_labels = load_base_samples(
-        args.base_samples, args.small_size, args.class_cond, args.image_channels
+        args.base_samples, args.small_size, args.class_cond, args.image_channels, args.num_classes
     )
     model, diffusion = build_model_and_diffusion(args, MODEL_KEYS, sr_create_model_and_diffusion)
+    nfe = check_sampler_flags(args, diffusion, model)
 
     with model_session(args, taken, argv, model, MODEL_KEYS):
         logger.log(f"loaded {len(base_images)} base samples from {args.base_samples}")
@@ -66,13 +70,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
         logger.log("creating samples...")
         images, kwargs = sample_images(
-            bf16_autocast(model, args.use_bf16),
+            guided(bf16_autocast(model, args.use_bf16), model, args.guidance_scale),
             diffusion,
             num_samples=args.num_samples,
             batch_size=args.batch_size,
             image_shape=(args.image_channels, args.large_size, args.large_size),
             seed=args.seed,
-            use_ddim=args.use_ddim,
+            sampler=args.sampler,
             eta=args.eta,
             clip_denoised=args.clip_denoised,
             kwargs_fn=kwargs_fn,
@@ -80,12 +84,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         )
         if dist_util.is_main_process():
             save_samples(images, kwargs.get("y"), num_grid=args.num_grid)
+            save_sampling_args(args, nfe)
         dist_util.barrier()
         logger.log("sampling complete")
 
 
 def load_base_samples(
-    path: str, small_size: int, class_cond: bool, image_channels: int = 3
+    path: str, small_size: int, class_cond: bool, image_channels: int = 3, num_classes: int = NUM_CLASSES
 ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """
     Read and check the low-resolution samples.
@@ -121,8 +126,8 @@ def load_base_samples(
         raise UserError(
             f"--base_samples {path}: arr_1 has {labels.dtype} shape {labels.shape}, expected ({len(images)},) integers"
         )
-    if labels.min() < 0 or labels.max() >= NUM_CLASSES:
-        raise UserError(f"--base_samples {path}: arr_1 labels must lie in [0, {NUM_CLASSES})")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise UserError(f"--base_samples {path}: arr_1 labels must lie in [0, {num_classes}) (--num_classes)")
     return images, labels.astype(np.int64)
 
 

@@ -3,6 +3,7 @@ Smoke tests of ``benchmarks/run.py``: the quick run exits 0 and prints one well-
 per benchmark. No timing is asserted (speed lives in benchmarks/README.md).
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -57,3 +58,22 @@ def test_bad_flags_are_one_line_errors(flags, message):
     assert proc.returncode == 2
     assert re.search(message, proc.stderr), proc.stderr
     assert proc.stdout == ""
+
+
+def test_sampler_quality_names_what_is_missing_in_one_line(tmp_path):
+    """Until the evaluator's modules are merged, the quality-per-NFE script says so and stops (exit 2)."""
+    script = os.path.join(REPO, "benchmarks", "sampler_quality.py")
+    proc = subprocess.run(
+        [sys.executable, script, "--model_path", str(tmp_path / "model.pt")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    needed = ("digit_features", "evaluation", "mnist_data")
+    if any(importlib.util.find_spec(f"improved_diffusion.{name}") is None for name in needed):
+        assert proc.returncode == 2
+        (line,) = proc.stderr.strip().splitlines()
+        assert re.match(r"error: sampler_quality.py needs the evaluator's improved_diffusion.digit_features", line)
+    else:
+        assert proc.returncode == 2 and "--model_path" in proc.stderr  # no args.json beside the missing file

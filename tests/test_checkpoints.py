@@ -6,7 +6,7 @@ import pytest
 import torch
 from golden import load_pt
 
-from improved_diffusion import script_util
+from improved_diffusion import checkpoints, script_util
 from improved_diffusion.checkpoints import guess_flags_from_state_dict, load_model_state
 from improved_diffusion.errors import UserError
 from improved_diffusion.unet import UNetModel
@@ -203,6 +203,29 @@ def test_not_a_state_dict(state_dict, found):
     model = UNetModel(3, 32, 3, 1, (), channel_mult=(1,))
     with pytest.raises(UserError, match=rf"^checkpoint opt\.pt is not a model state_dict \(found {found}\)"):
         load_model_state(model, state_dict, "opt.pt")
+
+
+@pytest.mark.parametrize("saved", [torch.zeros(16, dtype=torch.uint8), [torch.zeros(16, dtype=torch.uint8)] * 2])
+def test_cuda_generator_state_that_cannot_be_restored_is_logged(monkeypatch, saved):
+    """A checkpoint written on a GPU, resumed on a CPU: the other generators come back, the CUDA one is named."""
+    lines = []
+    monkeypatch.setattr(checkpoints.logger, "log", lines.append)
+    monkeypatch.setattr(checkpoints.dist_util, "dev", lambda: torch.device("cpu"))
+    torch.manual_seed(3)
+    state = dict(checkpoints.get_rng_state(), cuda=saved)
+    expected = torch.rand(3)
+    checkpoints.set_rng_state(state)
+    assert torch.equal(torch.rand(3), expected)
+    assert lines == ["resume: the checkpoint's CUDA generator state is not restored: no GPU here"]
+
+
+@pytest.mark.cuda
+def test_each_rank_saves_and_restores_its_own_cuda_generator():
+    state = checkpoints.get_rng_state()
+    assert isinstance(state["cuda"], torch.Tensor)  # this device's generator, not a list of all
+    expected = torch.rand(3, device=checkpoints.dist_util.dev())
+    checkpoints.set_rng_state(state)
+    assert torch.equal(torch.rand(3, device=checkpoints.dist_util.dev()), expected)
 
 
 def test_classifier_checkpoint_of_another_shape_names_the_classifier_flags():

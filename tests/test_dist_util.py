@@ -156,6 +156,19 @@ def test_user_cuda_visible_devices_is_respected(no_process_group, clean_env):
     assert "CUDA_VISIBLE_DEVICES" not in os.environ
 
 
+def test_more_nccl_ranks_than_gpus_is_one_line(no_process_group, clean_env):
+    """NCCL refuses two processes on one GPU ("duplicate GPU"): say so before joining the group."""
+    clean_env.setattr(torch.cuda, "is_available", lambda: True)
+    clean_env.setattr(torch.cuda, "device_count", lambda: 2)
+    clean_env.setattr(torch.cuda, "set_device", lambda gpu: None)
+    for name, value in [("RANK", "2"), ("WORLD_SIZE", "3"), ("LOCAL_RANK", "2"), ("MASTER_ADDR", "127.0.0.1")]:
+        clean_env.setenv(name, value)
+    with pytest.raises(UserError, match=r"local rank 2 has no GPU of its own: 2 visible on this machine") as exc:
+        dist_util.setup_dist(backend="nccl")
+    assert "--nproc_per_node 2" in str(exc.value) and "\n" not in str(exc.value)
+    assert not dist.is_initialized()
+
+
 @pytest.mark.parametrize("error, code", [(UserError("bad flag"), 2), (RuntimeError("bug"), 1)])
 def test_abort_on_error_ends_a_multi_process_job(monkeypatch, capsys, error, code):
     class Aborted(Exception):
@@ -255,6 +268,16 @@ def test_worker_job(tmp_path, checkpoint, launch, world, launcher, mpi):
     with open(os.path.join(log_dir, "progress.csv")) as f:
         assert f.read() == f"loss,step\n{sum(values) / len(values)!r},7\n"
     assert sorted(os.listdir(log_dir)) == ["log.txt", "progress.csv"]
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_nccl_job_on_two_gpus(tmp_path, checkpoint):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two visible GPUs")
+    code, out, _ = run_job(torchrun(2, os.path.join(SCRIPTS, "nccl.py"), checkpoint), cwd=str(tmp_path))
+    assert code == 0, out
+    assert "OK rank 0/2" in out and "OK rank 1/2" in out, out
 
 
 @pytest.mark.mpi

@@ -385,8 +385,7 @@ def test_device_table_cache_entry_goes_away_with_its_array():
     assert key not in gd._DEVICE_TABLES
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cuda_matches_golden():
     name = "diffusion_g_hybrid_cosine20.npz"
     diffusion, model, device = diffusion_for(name), toy_for(name), torch.device("cuda")

@@ -258,3 +258,11 @@ def test_rank_defaults_come_from_dist_util(folder, monkeypatch):
     monkeypatch.setattr(dist_util, "get_world_size", lambda: 2)
     data = load_data(data_dir=str(folder), batch_size=1, image_size=8)
     assert data.dataset.local_images == list_image_files(str(folder))[1::2]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_batches_are_pinned_for_the_gpu(folder, num_workers):
+    """Pinned host memory: the trainer's non-blocking copy to the GPU does not wait."""
+    batch, cond = next(_load(folder, num_workers=num_workers, class_cond=True))
+    assert batch.is_pinned() and cond["y"].is_pinned()

@@ -159,3 +159,22 @@ def test_update_with_local_losses_two_ranks_unequal_batches(tmp_path):
     assert len(weights) == 2
     for w in weights:
         np.testing.assert_allclose(w, expected, rtol=1e-12, atol=0)
+
+
+def test_non_finite_losses_are_left_out_of_the_history():
+    sampler = LossSecondMomentResampler(create_gaussian_diffusion(steps=4, noise_schedule="cosine"), history_per_term=2)
+    sampler.update_with_local_losses(torch.tensor([0, 1, 2, 3]), torch.tensor([1.0, float("nan"), float("inf"), 2.0]))
+    np.testing.assert_array_equal(sampler._loss_counts, [1, 0, 0, 1])
+
+
+def test_importance_weights_table_follows_the_distribution():
+    sampler = LossSecondMomentResampler(
+        create_gaussian_diffusion(steps=3, noise_schedule="cosine"), history_per_term=1, uniform_prob=0.0
+    )
+    np.random.seed(0)
+    _, weights = sampler.sample(5, torch.device("cpu"))
+    assert torch.equal(weights, torch.ones(5))
+    sampler.update_with_all_losses([0, 1, 2], [1.0, 2.0, 1.0])  # p = (1/4, 1/2, 1/4)
+    t, weights = sampler.sample(50, torch.device("cpu"))
+    expected = torch.tensor([4 / 3, 2 / 3, 4 / 3])[t]
+    assert torch.equal(weights, expected) and set(t.tolist()) == {0, 1, 2}

@@ -35,10 +35,13 @@ ORIGINAL_DEFAULTS = dict(
 
 # guided-diffusion's architecture flags at values that build the original's network.
 ADM_DEFAULTS = dict(num_head_channels=-1, resblock_updown=False, use_new_attention_order=False)
+# The label table's flags (classifier-free guidance) at the original's values: 1000 classes, no null row.
+LABEL_DEFAULTS = dict(num_classes=1000, class_dropout_prob=0.0)
 
 
-def test_defaults_are_the_originals_plus_channel_mult_and_adm_flags():
-    assert model_and_diffusion_defaults() == dict(ORIGINAL_DEFAULTS, channel_mult="", image_channels=3, **ADM_DEFAULTS)
+def test_defaults_are_the_originals_plus_channel_mult_adm_and_label_flags():
+    expected = dict(ORIGINAL_DEFAULTS, channel_mult="", image_channels=3, **ADM_DEFAULTS, **LABEL_DEFAULTS)
+    assert model_and_diffusion_defaults() == expected
 
 
 def test_every_script_has_the_speed_flags():
@@ -57,7 +60,7 @@ def test_every_script_has_the_speed_flags():
 def test_super_res_defaults_drop_image_size_and_sigma_small():
     expected = {k: v for k, v in ORIGINAL_DEFAULTS.items() if k not in ("image_size", "sigma_small")}
     assert sr_model_and_diffusion_defaults() == dict(
-        expected, large_size=256, small_size=64, channel_mult="", image_channels=3, **ADM_DEFAULTS
+        expected, large_size=256, small_size=64, channel_mult="", image_channels=3, **ADM_DEFAULTS, **LABEL_DEFAULTS
     )
 
 

@@ -165,6 +165,21 @@ def test_classifier_sample_errors_are_one_line(tiny_pair, scripts, tmp_path, cap
         assert code == 2 and err.count("\n") == 1 and re.match(message, err), (extra, err)
 
 
+def test_classifier_sample_takes_every_sampler(tiny_pair, scripts, tmp_path, capsys):
+    """--sampler reaches the guided loop (NFE in the log); CFG on an unconditional model is a one-line error."""
+    model_path, classifier_path = tiny_pair
+    module = scripts["classifier_sample"]
+    for sampler, nfe in (("dpm++2m", 5), ("heun", 9)):
+        out = str(tmp_path / sampler)
+        extra = ["--num_samples", "2", "--sampler", sampler, "--timestep_respacing", "5"]
+        assert _sample(module, model_path, classifier_path, out, *extra)[0] == 0
+        assert f"sampler {sampler}: 5 steps, {nfe} network evaluations" in open(os.path.join(out, "log.txt")).read()
+    capsys.readouterr()
+    out = str(tmp_path / "cfg")
+    code, err = _sample(module, model_path, classifier_path, out, "--guidance_scale", "2", capsys=capsys)
+    assert code == 2 and err.count("\n") == 1 and re.match(r"error: --guidance_scale 2.0: classifier-free", err), err
+
+
 @pytest.mark.slow
 def test_guidance_steers_samples_to_the_requested_class(isolated, scripts, tmp_path, capsys):
     """

@@ -7,6 +7,7 @@ subprocess (exit codes, stderr); the rest call its ``main(argv)`` in-process.
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -485,3 +486,183 @@ def test_sample_generators_are_per_index_and_per_script():
     assert not torch.equal(both[0], both[1])
     assert not torch.equal(first_draws(1, [0])[0], both[0])  # another seed
     assert not torch.equal(first_draws(0, [0], SUPER_RES_SCRIPT)[0], both[0])  # another script
+
+
+# ------------------------------------------------------------------------------------------
+# samplers and classifier-free guidance
+
+
+@pytest.fixture(scope="module")
+def cfg_ckpt(tmp_path_factory):
+    """A class-conditional checkpoint trained with label dropout: 10 classes and the null row."""
+    folder = tmp_path_factory.mktemp("cfg_ckpt")
+    flags = dict(TINY, class_cond=True, num_classes=10, class_dropout_prob=0.1)
+    return _save_checkpoint(folder, model_and_diffusion_defaults, create_model_and_diffusion, **flags)
+
+
+@pytest.mark.parametrize("sampler, respacing, nfe", [("dpm++2m", "5", 5), ("heun", "5", 9), ("ancestral", "3", 3)])
+def test_samplers_log_and_save_their_network_evaluations(ckpt, tmp_path, sampler, respacing, nfe):
+    arrays = _sample(ckpt, tmp_path, "--sampler", sampler, "--timestep_respacing", respacing, "--num_samples", 2)
+    assert arrays["arr_0"].shape == (2, 16, 16, 3)
+    saved = json.loads((tmp_path / "args.json").read_text())
+    assert (saved["sampler"], saved["nfe"], saved["timestep_respacing"]) == (sampler, nfe, respacing)
+    log = (tmp_path / "log.txt").read_text()
+    assert f"sampler {sampler}: {respacing} steps, {nfe} network evaluations per sample (NFE)" in log
+
+
+def test_use_ddim_is_a_synonym_of_sampler_ddim(ckpt, tmp_path):
+    flags = ["--timestep_respacing", "ddim4", "--num_samples", 2]
+    old = _sample(ckpt, tmp_path / "old", "--use_ddim", True, *flags)["arr_0"]
+    new = _sample(ckpt, tmp_path / "new", "--sampler", "ddim", *flags)["arr_0"]
+    np.testing.assert_array_equal(old, new)
+    assert json.loads((tmp_path / "old" / "args.json").read_text())["sampler"] == "ddim"
+
+
+def test_samples_in_the_checkpoint_folder_keep_its_args_json(ckpt, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(os.path.dirname(ckpt), folder)
+    training = (folder / "args.json").read_text()
+    _sample(str(folder / "model000000.pt"), folder, "--timestep_respacing", "2", "--num_samples", 1)
+    assert (folder / "args.json").read_text() == training
+    assert json.loads((folder / "sample_args.json").read_text())["nfe"] == 2
+
+
+def test_guided_sampling_with_every_ode_solver(cfg_ckpt, tmp_path):
+    for sampler in ("dpm++2m", "heun"):
+        flags = ["--sampler", sampler, "--timestep_respacing", "3", "--guidance_scale", 2.5, "--num_samples", 3]
+        arrays = _sample(cfg_ckpt, tmp_path / sampler, *flags, "--class_labels", "9,0")
+        np.testing.assert_array_equal(arrays["arr_1"], [9, 0, 9])
+        saved = json.loads((tmp_path / sampler / "args.json").read_text())
+        assert (saved["guidance_scale"], saved["class_dropout_prob"], saved["num_classes"]) == (2.5, 0.1, 10)
+        assert "classifier-free guidance" in (tmp_path / sampler / "log.txt").read_text()
+    rand = _sample(cfg_ckpt, tmp_path / "random", "--timestep_respacing", "2", "--num_samples", 6)["arr_1"]
+    assert ((rand >= 0) & (rand < 10)).all()  # random labels drawn from --num_classes
+
+
+def test_super_res_sample_with_heun(sr_ckpt, tmp_path):
+    base = tmp_path / "base.npz"
+    _base_samples(base)
+    argv = ["--model_path", sr_ckpt, "--base_samples", base, "--num_samples", 2, "--sampler", "heun"]
+    _run_main("super_res_sample.py", argv + ["--timestep_respacing", "3"], tmp_path / "out")
+    assert _load(tmp_path / "out" / "samples_2x16x16x3.npz")["arr_0"].shape == (2, 16, 16, 3)
+    assert json.loads((tmp_path / "out" / "args.json").read_text())["nfe"] == 5
+
+
+@pytest.mark.parametrize(
+    "which, extra, message",
+    [
+        ("ckpt", ["--sampler", "euler"], r"--sampler 'euler': expected one of ancestral, ddim, dpm\+\+2m, heun$"),
+        ("ckpt", ["--sampler", "heun", "--timestep_respacing", "1"], r"--sampler heun needs at least 2 steps"),
+        ("ckpt", ["--timestep_respacing", "-5"], r"--timestep_respacing '-5': counts must be positive integers"),
+        ("ckpt", ["--timestep_respacing", "ddim-5"], r"--timestep_respacing 'ddim-5': no integer stride"),
+        ("ckpt", ["--use_ddim", True, "--sampler", "heun"], r"--use_ddim True contradicts --sampler heun"),
+        ("ckpt", ["--sampler", "dpm++2m", "--eta", 0.5], r"--eta 0.5 only applies to DDIM sampling"),
+        ("ckpt", ["--guidance_scale", 3], r"--guidance_scale 3.0: .* this one is unconditional \(--class_cond False\)"),
+        ("cond_ckpt", ["--guidance_scale", 3], r"--guidance_scale 3.0: .* 1000 rows = --num_classes 1000 \("),
+        ("cfg_ckpt", ["--guidance_scale", -1], r"--guidance_scale -1.0: must be a finite number >= 0"),
+        ("cfg_ckpt", ["--class_labels", "10"], r"--class_labels '10': label 10 is outside \[0, 10\) \(--num_classes\)"),
+    ],
+)
+def test_bad_sampler_and_guidance_flags_are_one_line_errors(request, capsys, tmp_path, which, extra, message):
+    argv = ["--model_path", request.getfixturevalue(which), "--num_samples", 1] + extra
+    code, err = _exit_code_and_stderr(capsys, "image_sample.py", argv, tmp_path)
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert re.search(r"^error: " + message, line), line
+    assert not any(name.endswith(".npz") for name in os.listdir(tmp_path))
+
+
+def test_checkpoint_with_a_null_row_names_class_dropout_prob(cfg_ckpt, tmp_path):
+    folder = tmp_path / "no_args"
+    folder.mkdir()
+    shutil.copy(cfg_ckpt, folder / "model000000.pt")  # without its args.json
+    flags = [f"--{k}={v}" for k, v in TINY.items()] + ["--class_cond", True, "--num_classes", 10]
+    with pytest.raises(UserError, match=r"label table has 11 rows: .* --num_classes 10 with --class_dropout_prob > 0"):
+        _run_main("image_sample.py", ["--model_path", folder / "model000000.pt"] + flags, tmp_path / "out")
+
+
+def _two_class_images(folder) -> None:
+    """8x8 images: class ``left`` bright on the left half, ``right`` on the right, with noise."""
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(("left", "right")):
+        for i in range(32):
+            image = np.full((8, 8, 3), 40.0)
+            image[:, 4 * label : 4 * label + 4] = 215.0
+            image += rng.normal(0, 10, image.shape)
+            Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(folder / f"{name}_{i:02d}.png")
+
+
+def _pixel_class(images: np.ndarray) -> np.ndarray:
+    """The rule: class 1 (``right``) where the right half is brighter than the left. (N,) int64."""
+    pixels = images.astype(np.float64)
+    return (pixels[:, :, 4:].mean(axis=(1, 2, 3)) > pixels[:, :, :4].mean(axis=(1, 2, 3))).astype(np.int64)
+
+
+@pytest.mark.slow
+def test_classifier_free_guidance_follows_the_label(tmp_path):
+    """
+    A tiny model trained with --class_dropout_prob 0.2 on two classes: at w = 3 nearly every sample
+    is of the requested class, at w = 0 (the unconditional model) both classes come out.
+    """
+    data, train = tmp_path / "data", tmp_path / "train"
+    _two_class_images(data)
+    model = ["--image_size", 8, "--num_channels", 32, "--channel_mult", "1,2", "--num_res_blocks", 1]
+    model += ["--attention_resolutions", "", "--class_cond", True, "--num_classes", 2, "--diffusion_steps", 100]
+    model += ["--noise_schedule", "cosine", "--winograd", False]
+    argv = ["--data_dir", data, "--log_dir", train, "--class_dropout_prob", 0.2, "--lr", 3e-3, "--batch_size", 16]
+    argv += ["--max_steps", 100, "--save_interval", 0, "--log_interval", 50, "--ema_rate", 0.9]
+    proc = _run_subprocess("image_train.py", model + argv)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rates = {}
+    for scale in (0, 3):
+        out = tmp_path / f"w{scale}"
+        argv = ["--model_path", train / "ema_0.9_000100.pt", "--log_dir", out, "--num_samples", 64, "--batch_size", 64]
+        argv += ["--timestep_respacing", 10, "--sampler", "dpm++2m", "--guidance_scale", scale, "--class_labels", "0,1"]
+        proc = _run_subprocess("image_sample.py", argv + ["--num_grid", 0, "--winograd", False])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        arrays = _load(out / "samples_64x8x8x3.npz")
+        predicted = _pixel_class(arrays["arr_0"])
+        rates[scale] = ((predicted == arrays["arr_1"]).mean(), predicted.mean())
+    print("classifier-free guidance, (requested-class rate, class-1 share) per w:", rates)
+    assert rates[3][0] >= 0.9, rates  # the requested class at w = 3
+    assert 0.2 <= rates[0][1] <= 0.8, rates  # mixed classes at w = 0
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_samples_are_gathered_per_batch_to_rank_0_only(monkeypatch, rank):
+    """Rank 1 of 2 never receives samples; each gather carries at most one batch per rank."""
+    from improved_diffusion import dist_util, sample_util
+    from improved_diffusion.script_util import create_gaussian_diffusion
+
+    other = 1 - rank
+    sent = []
+
+    def gather_to_rank0(obj):
+        sent.append(len(obj["index"]))
+        if rank != 0:
+            return None
+        theirs = np.arange(other, 5, 2)[len(sent) * 2 - 2 : len(sent) * 2]  # the other rank's batch
+        fake = {"index": theirs, "images": np.zeros((len(theirs), 4, 4, 3), np.uint8)}
+        return [obj, fake] if rank == 0 else [fake, obj]
+
+    monkeypatch.setattr(dist_util, "get_rank", lambda: rank)
+    monkeypatch.setattr(dist_util, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist_util, "gather_to_rank0", gather_to_rank0)
+    diffusion = create_gaussian_diffusion(steps=2, noise_schedule="cosine")
+    images, _ = sample_util.sample_images(
+        lambda x, t, **kw: torch.zeros_like(x),
+        diffusion,
+        num_samples=5,
+        batch_size=2,
+        image_shape=(3, 4, 4),
+        seed=0,
+        progress=False,
+    )
+    # Rank 0 holds samples 0, 2, 4 (batches of 2 and 1), rank 1 samples 1, 3 (one batch, then an empty one).
+    assert sent == ([2, 1] if rank == 0 else [2, 0])
+    assert (images is None) == (rank == 1)
+    if rank == 0:
+        assert images.shape == (5, 4, 4, 3) and images.dtype == np.uint8

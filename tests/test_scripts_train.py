@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from script_loader import load_script, run_script
 
-from improved_diffusion import fileio
+from improved_diffusion import fileio, train_util
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXACT = dict(rtol=0, atol=0)
@@ -80,7 +80,8 @@ def test_image_train_runs(isolated, image_train, images, tmp_path, extra):
 
 def test_script_resume_is_exact(isolated, image_train, images, tmp_path):
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    flags = ["--dropout", "0.1", "--random_flip", "True", "--learn_sigma", "True"]
+    # --deterministic: the convolution paths by the size rule, so both runs compute alike.
+    flags = ["--dropout", "0.1", "--random_flip", "True", "--learn_sigma", "True", "--deterministic", "True"]
     assert _train(image_train, images, straight, "--max_steps", "4", *flags)[0] == 0
     assert _train(image_train, images, split, "--max_steps", "3", *flags)[0] == 0
     assert _train(image_train, images, split, "--max_steps", "4", "--resume_checkpoint", "auto", *flags)[0] == 0
@@ -89,6 +90,32 @@ def test_script_resume_is_exact(isolated, image_train, images, tmp_path):
         b = fileio.safe_torch_load(os.path.join(split, name))
         for key in a:
             torch.testing.assert_close(b[key], a[key], **EXACT)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_math_is_set_and_logged(isolated, image_train, images, tmp_path, monkeypatch, deterministic):
+    """fp32 is float32 (no TF32) unless asked; --deterministic adds deterministic kernels and cuBLAS's workspace."""
+    seen = {}
+    real_run_loop = train_util.TrainLoop.run_loop
+
+    def run_loop(self):
+        seen.update(algorithms=torch.are_deterministic_algorithms_enabled(), benchmark=torch.backends.cudnn.benchmark)
+        seen.update(tf32=(torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        seen.update(workspace=os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+        real_run_loop(self)
+
+    monkeypatch.setattr(train_util.TrainLoop, "run_loop", run_loop)
+    log_dir = str(tmp_path / "log")
+    assert _train(image_train, images, log_dir, "--max_steps", "1", "--deterministic", str(deterministic))[0] == 0
+    assert seen == dict(
+        algorithms=deterministic,
+        benchmark=not deterministic,
+        tf32=(False, False),
+        workspace=":4096:8" if deterministic else None,
+    )
+    with open(os.path.join(log_dir, "log.txt")) as f:
+        line = f"cuda math: tf32=False, deterministic={deterministic}, cudnn.benchmark={not deterministic}"
+        assert line in f.read()
 
 
 def test_super_res_train_runs(isolated, images, tmp_path):
@@ -125,6 +152,11 @@ def test_low_res_is_area_downsampled(images):
         (["--resume_checkpoint", "latest"], r"error: --resume_checkpoint 'latest'"),
         (["--noise_schedule", "quadratic"], r"error: .*quadratic"),
         (["--num_channels", "16"], r"error: --num_channels"),
+        (
+            ["--class_cond", "True", "--num_classes", "1"],
+            r"error: --data_dir .* has 2 classes \(file-name prefixes\), more than --num_classes 1: pass --num_c",
+        ),
+        (["--class_dropout_prob", "0.1"], r"error: --class_dropout_prob 0.1 drops class labels: it needs a class-co"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(isolated, image_train, images, tmp_path, capsys, argv, message):

@@ -8,6 +8,7 @@ import errno
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -18,13 +19,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torch.overrides import TorchFunctionMode
 
-from improved_diffusion import checkpoints, fileio, logger, train_util
+from improved_diffusion import checkpoints, fileio, logger, script_util, train_util
 from improved_diffusion.errors import UserError
 from improved_diffusion.image_datasets import load_data
-from improved_diffusion.precision import MixedPrecision, cpu_has_fast_bf16
+from improved_diffusion.precision import MixedPrecision, cpu_has_fast_bf16, make_adamw, set_cuda_math
 from improved_diffusion.resample import LossSecondMomentResampler, UniformSampler, create_named_schedule_sampler
 from improved_diffusion.script_util import create_gaussian_diffusion
+from improved_diffusion.train_setup import compile_model
 from improved_diffusion.train_util import TrainLoop, parse_resume_step_from_filename
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,7 +157,7 @@ def test_quartile_logging_is_weighted_per_sample(log_dir, images):
     t = torch.tensor([0, 5, 19, 19])
     w = torch.tensor([1.0, 2.0, 0.5, 1.5])
     loop._accumulate_losses(t, w, {"loss": torch.tensor([1.0, 1.0, 4.0, 2.0])})
-    loop._merge_step_stats(torch.tensor(3.0))
+    loop._merge_step_stats(torch.tensor(3.0), torch.tensor(True))
     loop.log_step()
     got = loop.last_logged
     assert got["loss"] == pytest.approx((1 + 2 + 2 + 3) / 4)
@@ -358,6 +361,35 @@ def test_nonfinite_losses_are_skipped_then_stop(log_dir, images):
                 assert torch.isfinite(value).all(), name
 
 
+def test_nonfinite_run_between_log_rows_stops_at_the_next_row(log_dir, images):
+    """The run is counted on the device and checked where the loop syncs anyway (log, save)."""
+    model = _NaNModel()
+    loop = _loop(log_dir, images, model=model, max_steps=0, log_interval=4, max_nonfinite_steps=2)
+    loop.run_step(*next(loop.data))
+    good = _state(loop)
+    model.poison = True
+    loop.run_step(*next(loop.data))
+    loop.run_step(*next(loop.data))  # the limit is reached at step 3, which does not log
+    assert loop.step == 3 and loop.nonfinite_in_a_row == 2
+    with pytest.raises(UserError, match=r"NaN/Inf for 2 steps in a row at step 3; lower --lr"):
+        loop.run_step(*next(loop.data))  # step 4 logs: the check
+    _assert_same(_state(loop), good)
+
+
+def test_skipped_steps_are_logged_with_the_row(log_dir, images):
+    model = _NaNModel()
+    loop = _loop(log_dir, images, model=model, max_steps=0, log_interval=3)
+    loop.run_step(*next(loop.data))
+    model.poison = True
+    loop.run_step(*next(loop.data))
+    model.poison = False
+    loop.run_step(*next(loop.data))
+    loop.log_step()
+    with open(os.path.join(log_dir, "log.txt")) as f:
+        assert "1 step(s) skipped since the last log row: NaN/Inf loss or gradient" in f.read()
+    assert loop.nonfinite_in_a_row == 0 and np.isfinite(loop.last_logged["loss"])
+
+
 def test_sigterm_saves_then_stops(log_dir, images):
     class Signalling:
         def __init__(self, data):
@@ -402,14 +434,62 @@ def test_precision_choices():
     plain = MixedPrecision(torch.device("cpu"))
     assert plain.lg_loss_scale is None and plain.state_dict() == {}
     p = nn.Parameter(torch.ones(2))
-    opt = torch.optim.SGD([p], lr=1.0)
-    p.grad = torch.tensor([1.0, float("inf")])
-    assert plain.step(opt, torch.tensor(float("inf"))) is False
-    torch.testing.assert_close(p.detach(), torch.ones(2), **EXACT)
+    # A plain optimizer needs the decision on the host; a fused one skips on the device.
+    for opt in (torch.optim.SGD([p], lr=1.0), make_adamw([p], lr=1.0, weight_decay=0.1)):
+        p.grad = torch.tensor([1.0, float("inf")])
+        took = plain.step(opt, torch.tensor(float("inf")))
+        assert took.dtype == torch.bool and not took
+        torch.testing.assert_close(p.detach(), torch.ones(2), **EXACT)
+        assert not hasattr(opt, "found_inf")
+    assert opt.defaults["fused"] and float(opt.state[p]["step"]) == 0.0
+    p.grad = torch.tensor([1.0, 1.0])
+    assert plain.step(opt, torch.tensor(1.0)) and float(opt.state[p]["step"]) == 1.0
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+class HostReads(TorchFunctionMode):
+    """
+    Records every call that reads a tensor's value on the host: on a GPU each is a host-device
+    sync (``item``, ``bool``, ``tolist``, boolean-mask indexing, ``nonzero``, ``bincount``, a copy
+    to the CPU). On the CPU they cost nothing, so this is how a CPU test sees them.
+    """
+
+    NAMES = {"item", "__bool__", "tolist", "numpy", "__int__", "__float__", "__index__", "cpu"}
+    NAMES |= {"nonzero", "argwhere", "bincount", "unique", "masked_select", "_local_scalar_dense"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        masks = [a for a in args[1:] for a in (a if isinstance(a, tuple) else (a,)) if isinstance(a, torch.Tensor)]
+        if name in self.NAMES or (name in ("__getitem__", "__setitem__") and any(m.dtype == torch.bool for m in masks)):
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("case", ["fp32", "bf16", "microbatch", "skipped step", "loss scaling", "unet"])
+def test_a_training_step_reads_nothing_back_from_the_device(log_dir, images, case):
+    """The step between log rows: forward, losses, backward, AdamW, EMA, statistics, stop check."""
+    model = _NaNModel()
+    kw = dict(use_bf16=case == "bf16", microbatch=2 if case == "microbatch" else -1)
+    if case == "unet":  # the real network and a hybrid loss with learned sigmas
+        loop = _unet_loop(log_dir, (torch.rand(4, 3, 8, 8) * 2 - 1), log_interval=100, max_steps=0)
+    else:
+        loop = _loop(log_dir, images, model=model, log_interval=100, max_steps=0, **kw)
+    if case == "loss scaling":  # float16's GradScaler path (on the CPU for the test)
+        loop.precision.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=1000)
+    loop.run_step(*next(loop.data))  # first step: optimizer state is created
+    model.poison = case == "skipped step"
+    batch = next(loop.data)
+    with HostReads() as spy:
+        loop.run_step(*batch)
+        assert not loop.stop.agreed(loop.device, due=loop.step % loop.log_interval == 0)
+    assert spy.reads == []
+    assert loop.nonfinite_in_a_row == (1 if case == "skipped step" else 0)
+
+
+@pytest.mark.cuda
 def test_fp16_scaler_on_cuda():
     mp = MixedPrecision(torch.device("cuda"), use_fp16=True, fp16_scale_growth=0.5)
     assert mp.lg_loss_scale == 20.0
@@ -417,8 +497,95 @@ def test_fp16_scaler_on_cuda():
     opt = torch.optim.SGD([p], lr=1.0)
     mp.backward((p * float("inf")).sum())
     mp.unscale_(opt)
-    assert mp.step(opt, torch.tensor(float("inf"))) is False
+    assert not mp.step(opt, torch.tensor(float("inf")))
     assert mp.lg_loss_scale == 19.0
+
+
+def _unet_loop(log_dir, batch, **kw):
+    """A TrainLoop on a small real UNet (attention, GroupNorm, learned sigmas) and one fixed batch."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    flags = dict(script_util.model_and_diffusion_defaults(), learn_sigma=True, noise_schedule="cosine")
+    flags.update(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4")
+    model, diffusion = script_util.create_model_and_diffusion(**dict(flags, diffusion_steps=50))
+    return _loop(log_dir, model=model, diffusion=diffusion, data=iter(lambda: (batch, {}), None), **kw)
+
+
+def _cuda_batch(n=4):
+    return (torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(5)) * 2 - 1).pin_memory()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", ["fp32", "fp16", "bf16", "microbatch"])
+def test_cuda_training_step_has_no_host_sync(log_dir, case):
+    """Between log rows a step never waits for the GPU (torch's sync debug mode raises if it does)."""
+    batch = _cuda_batch()
+    kw = dict(use_fp16=case == "fp16", use_bf16=case == "bf16", microbatch=3 if case == "microbatch" else -1)
+    loop = _unet_loop(log_dir, batch, log_interval=1000, max_steps=0, **kw)
+    for _ in range(2):  # optimizer state, cuBLAS / cuDNN handles, caching allocators
+        loop.run_step(batch, {})
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loop.run_step(batch, {})
+        loop.stop.agreed(loop.device, due=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    loop.log_step()
+    assert np.isfinite(loop.last_logged["loss"])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["use_fp16", "use_bf16", "channels_last"])
+def test_cuda_mixed_precision_and_channels_last_train_close_to_fp32(log_dir, precision):
+    """fp16 autocast with GradScaler (until steps are taken), bf16 autocast, channels-last: 30 steps."""
+    batch = _cuda_batch()
+    set_cuda_math(tf32=False)
+    losses = {}
+    for name in ("fp32", precision):
+        loop = _unet_loop(log_dir, batch, log_interval=30, max_steps=30, **({name: True} if name != "fp32" else {}))
+        loop.run_loop()
+        assert all(p.dtype == torch.float32 and p.device.type == "cuda" for p in loop.params)
+        losses[name] = loop.last_logged["loss"]
+        if name == "use_fp16":
+            assert loop.nonfinite_in_a_row == 0 and loop.last_logged["lg_loss_scale"] <= 20
+    assert np.isfinite(losses[precision]) and losses[precision] == pytest.approx(losses["fp32"], rel=0.05)
+
+
+@pytest.mark.cuda
+def test_cuda_compile_with_a_short_last_microbatch_compiles_once_per_size(log_dir):
+    from torch._dynamo.utils import counters
+
+    batch = _cuda_batch(4)
+    eager = _unet_loop(log_dir, batch, microbatch=3, max_steps=3)
+    eager.run_loop()
+    loop = _unet_loop(log_dir, batch, microbatch=3, max_steps=0)
+    compile_model(loop.model, True)
+    for _ in range(2):  # microbatches of 3 and 1: one graph each
+        loop.run_step(batch, {})
+    graphs = dict(counters["stats"])
+    loop.run_step(batch, {})
+    assert dict(counters["stats"]) == graphs  # no recompilation in later steps
+    for a, b in zip(loop.params, eager.params):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_deterministic_runs_repeat_bit_for_bit(log_dir, monkeypatch):
+    batch = _cuda_batch()
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what set_cuda_math sets; removed afterwards
+    set_cuda_math(deterministic=True)
+    try:
+        runs = []
+        for _ in range(2):
+            loop = _unet_loop(log_dir, batch, max_steps=3, use_bf16=True)
+            loop.run_loop()
+            runs.append([p.detach().clone() for p in loop.params])
+    finally:
+        set_cuda_math(deterministic=False)
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, **EXACT)
 
 
 def test_settings_are_checked(log_dir, images):
@@ -503,27 +670,60 @@ def _two_rank_setup(log_dir, rank, steps, batch=None, ts=None):
     )
 
 
-def _run_two_ranks(tmp_path, steps):
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _mpiexec_two_ranks(script):
     mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
     if mpiexec is None:
         pytest.skip("mpiexec not found")
+    return [[mpiexec, "-n", "2", sys.executable, script]]
+
+
+def _torchrun_two_nodes(script):
+    """Two torchrun agents on this machine, one process each, meeting at a c10d rendezvous: two simulated nodes."""
+    port = _free_port()
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1"]
+    node += ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"test{port}"]
+    node += ["--local_addr", "127.0.0.1", script]
+    return [node, node]
+
+
+def _run_two_ranks(tmp_path, steps, launch=_mpiexec_two_ranks):
     out = str(tmp_path / "params.pt")
     script = tmp_path / "worker.py"
     script.write_text(
         MPI_WORKER.format(tests=os.path.join(REPO, "tests"), log=str(tmp_path / "log"), steps=steps, out=out)
     )
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [mpiexec, "-n", "2", sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update(OMP_NUM_THREADS="1", IDDPM_DIST_TIMEOUT="120")
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for cmd in launch(str(script))
+    ]
+    try:
+        outputs = [proc.communicate(timeout=150)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert all(proc.returncode == 0 for proc in procs), "\n".join(o[-3000:] for o in outputs)
     return torch.load(out)
 
 
 @pytest.mark.slow
-@pytest.mark.mpi
-def test_two_ranks_match_one_rank_with_both_batches(tmp_path):
-    params = _run_two_ranks(tmp_path, steps=3)
+@pytest.mark.parametrize(
+    "launch",
+    [
+        pytest.param(_mpiexec_two_ranks, id="mpiexec", marks=pytest.mark.mpi),
+        pytest.param(_torchrun_two_nodes, id="torchrun-two-nodes"),
+    ],
+)
+def test_two_ranks_match_one_rank_with_both_batches(tmp_path, launch):
+    params = _run_two_ranks(tmp_path, steps=3, launch=launch)
     torch.testing.assert_close(params[1], params[0], **EXACT)
     parts = [_two_rank_data(r) for r in range(2)]
     batch, ts = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

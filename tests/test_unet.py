@@ -111,7 +111,8 @@ def _tiny(**overrides) -> UNetModel:
         use_scale_shift_norm=True,
     )
     kwargs.update(overrides)
-    model = UNetModel(**kwargs)
+    # The fixed Winograd rule, not timing: tests compare separately built models exactly.
+    model = UNetModel(**kwargs, speed=SpeedSettings(winograd=True))
     with torch.no_grad():  # make the zero-initialised layers non-zero so every path matters
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -211,6 +212,46 @@ def test_missing_labels_for_conditional_model_raise():
     assert model(torch.randn(1, 3, 8, 8), torch.tensor([1]), y=torch.tensor([9])).shape == (1, 6, 8, 8)
 
 
+def test_label_table_has_a_null_row_only_with_label_dropout():
+    """Ordinary checkpoints keep their shapes: num_classes rows; with --class_dropout_prob one more [CFG Alg. 1]."""
+    plain, cfg = _tiny(num_classes=10), _tiny(num_classes=10, class_dropout_prob=0.2)
+    assert plain.label_emb.weight.shape == (10, 128) and plain.null_label is None
+    assert cfg.label_emb.weight.shape == (11, 128) and cfg.null_label == 10
+    keys = list(plain.state_dict())
+    assert list(cfg.state_dict()) == keys
+
+
+def test_label_dropout_only_in_training_mode():
+    model = _tiny(num_classes=4, class_dropout_prob=0.25).eval()
+    x, t, y = torch.randn(8, 3, 8, 8), torch.full((8,), 3), torch.arange(8) % 4
+    null = model(x, t, y=torch.full_like(y, 4))
+    outputs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        outputs.append(model(x, t, y=y))
+    torch.testing.assert_close(outputs[0], outputs[1], atol=0, rtol=0)  # eval mode: no label dropout
+    assert (outputs[0] - null).abs().max() > 1e-3
+    torch.manual_seed(1)
+    dropped = torch.rand(8) < 0.25  # the uniforms drop_labels draws
+    torch.manual_seed(1)
+    assert torch.equal(model.drop_labels(y), torch.where(dropped, torch.full_like(y, 4), y))
+    always = _tiny(num_classes=4, class_dropout_prob=0.999999)
+    always.load_state_dict(model.state_dict())
+    torch.testing.assert_close(always.train()(x, t, y=y), null, **FLOAT32)  # training mode: every label dropped
+
+
+def test_label_flags_are_checked():
+    kwargs = dict(script_util.model_and_diffusion_defaults(), image_size=8, channel_mult="1,2", num_channels=32)
+    with pytest.raises(UserError, match=r"^--class_dropout_prob 0.1 drops class labels: it needs a class-condit"):
+        script_util.create_model_and_diffusion(**dict(kwargs, class_dropout_prob=0.1))
+    with pytest.raises(UserError, match=r"^--class_dropout_prob 1.0: must be in \[0, 1\)$"):
+        script_util.create_model_and_diffusion(**dict(kwargs, class_cond=True, class_dropout_prob=1.0))
+    with pytest.raises(UserError, match=r"^--num_classes 0: must be a positive integer$"):
+        script_util.create_model_and_diffusion(**dict(kwargs, class_cond=True, num_classes=0))
+    model, _ = script_util.create_model_and_diffusion(**dict(kwargs, class_cond=True, num_classes=3))
+    assert model.label_emb.weight.shape[0] == 3
+
+
 def test_scalar_timestep_is_broadcast():
     model = _tiny().eval()
     x = torch.randn(2, 3, 8, 8)
@@ -263,8 +304,7 @@ def test_feature_vectors_follow_the_blocks():
     assert features["middle"][0].shape == (1, 64, 4, 4)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cuda_golden_and_fp16_autocast_with_fused_attention():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -280,6 +320,21 @@ def test_cuda_golden_and_fp16_autocast_with_fused_attention():
     torch.testing.assert_close(out.cpu(), data["output"], rtol=0, atol=1e-4)
     assert out16.dtype == torch.float32
     assert (out16 - out).norm() / out.norm() < 1e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["FLASH_ATTENTION", "EFFICIENT_ATTENTION"])
+def test_sdpa_fused_kernels_match_the_plain_formula_on_cuda(dtype, backend):
+    """Each fused kernel alone (no math fallback allowed), against the plain formula in float32."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    qkv = torch.randn(2, 3 * 128, 256, device="cuda")  # (N, 3C, T): 4 heads of 32 channels, 16x16 positions
+    reference = attention(qkv, 4, use_sdpa=False)
+    with sdpa_kernel([getattr(SDPBackend, backend)]):
+        fused = attention(qkv.to(dtype), 4, use_sdpa=True)
+    assert fused.dtype == dtype and fused.shape == reference.shape
+    assert (fused.float() - reference).norm() / reference.norm() < 1e-2
 
 
 def test_superres_feature_vectors_see_low_res():

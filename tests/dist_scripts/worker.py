@@ -57,6 +57,19 @@ def check_load_and_sync(rank: int, world: int, checkpoint: str) -> None:
         dist.all_gather_object(messages, str(exc))
         assert len(set(messages)) == 1 and "missing" in messages[0], messages
 
+    # A 0-byte file: the loader's one-line error on every rank, not a crash of rank 0 alone.
+    empty = checkpoint + ".empty"
+    if rank == 0:
+        open(empty, "wb").close()
+    dist_util.barrier()
+    try:
+        dist_util.load_state_dict(empty)
+        raise AssertionError("loading an empty file did not raise")
+    except UserError as exc:
+        messages = [None] * world
+        dist.all_gather_object(messages, str(exc))
+        assert len(set(messages)) == 1 and "is empty (0 bytes)" in messages[0], messages
+
     torch.manual_seed(rank)
     model = torch.nn.Linear(3, 2)
     dist_util.sync_params(model.parameters())
