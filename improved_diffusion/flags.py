@@ -1,7 +1,7 @@
 """
 The one table of command-line flags: every flag of every script with its default, one line of
-help and, for closed choices, the allowed values, in the groups MODEL, DIFFUSION, TRAIN,
-SAMPLE, NLL and SPEED.
+help and, for closed choices, the allowed values, in the groups MODEL, DIFFUSION, CLASSIFIER,
+TRAIN, CLASSIFIER_TRAIN, SAMPLE, CLASSIFIER_SAMPLE, NLL and SPEED.
 
 Everything about flags is derived from it: the defaults dicts users know from the original
 (``model_and_diffusion_defaults()``, ``sr_model_and_diffusion_defaults()`` in
@@ -26,6 +26,7 @@ IMAGE_SCRIPTS = ("image_train", "image_sample", "image_nll")
 SUPER_RES_SCRIPTS = ("super_res_train", "super_res_sample")
 CLASSIFIER_SCRIPTS = ("classifier_train", "classifier_sample")
 SCRIPTS = IMAGE_SCRIPTS + SUPER_RES_SCRIPTS + CLASSIFIER_SCRIPTS
+DIFFUSION_TRAIN_SCRIPTS = ("image_train", "super_res_train")
 # The names of :data:`.samplers.SAMPLERS` (a test keeps them equal; this module sits below samplers).
 SAMPLERS = ("ancestral", "ddim", "dpm++2m", "heun")
 
@@ -151,7 +152,7 @@ DIFFUSION = FlagGroup(
 TRAIN = FlagGroup(
     "TRAIN",
     "the training loop",
-    ("image_train", "super_res_train"),
+    DIFFUSION_TRAIN_SCRIPTS + ("classifier_train",),
     (
         Flag("data_dir", "", "folder of training images (jpg, jpeg, png, gif; searched recursively)"),
         Flag(
@@ -160,15 +161,29 @@ TRAIN = FlagGroup(
             "how timesteps are drawn [IDDPM §3.3]",
             choices=("uniform", "loss-second-moment"),
         ),
-        Flag("lr", 1e-4, "AdamW learning rate"),
+        Flag("lr", 1e-4, "AdamW learning rate", scripts=DIFFUSION_TRAIN_SCRIPTS),
         Flag(
-            "snr_gamma", 0.0, "min-SNR-gamma weighting of the simple loss [Hang et al. 2023], e.g. 5; 0: off", new=True
+            "snr_gamma",
+            0.0,
+            "min-SNR-gamma weighting of the simple loss [Hang et al. 2023], e.g. 5; 0: off",
+            scripts=DIFFUSION_TRAIN_SCRIPTS,
+            new=True,
         ),
         Flag("weight_decay", 0.0, "AdamW weight decay"),
-        Flag("lr_anneal_steps", 0, "anneal the learning rate linearly to 0 over this many steps, then stop; 0: never"),
-        Flag("batch_size", 1, "images per step and process"),
+        Flag(
+            "lr_anneal_steps",
+            0,
+            "anneal the learning rate linearly to 0 over this many steps, then stop; 0: never",
+            scripts=DIFFUSION_TRAIN_SCRIPTS,
+        ),
+        Flag("batch_size", 1, "images per step and process", scripts=DIFFUSION_TRAIN_SCRIPTS),
         Flag("microbatch", -1, "split each batch into chunks of this size (same gradient); -1: no split"),
-        Flag("ema_rate", "0.9999", "comma-separated EMA rates, one ema_RATE_STEP.pt file each"),
+        Flag(
+            "ema_rate",
+            "0.9999",
+            "comma-separated EMA rates, one ema_RATE_STEP.pt file each",
+            scripts=DIFFUSION_TRAIN_SCRIPTS,
+        ),
         Flag("log_interval", 10, "steps between log rows"),
         Flag("save_interval", 10000, "steps between checkpoints (0: only at the end)"),
         Flag(
@@ -179,7 +194,14 @@ TRAIN = FlagGroup(
         Flag("log_dir", "", "log and checkpoint folder; default $OPENAI_LOGDIR, else ./logs/<time>", new=True),
         Flag("use_bf16", False, "bfloat16 autocast (no loss scaling); auto: if native", new=True, auto=True),
         Flag("max_steps", 0, "stop after this many steps in total; 0: no limit", new=True),
-        Flag("random_flip", False, "flip images left-right at random", new=True),
+        Flag("random_flip", False, "flip images left-right at random", scripts=DIFFUSION_TRAIN_SCRIPTS, new=True),
+        Flag(
+            "random_crop",
+            False,
+            "random crops: shorter side resized to 1 to 1.25 x image_size, then a random square",
+            scripts=DIFFUSION_TRAIN_SCRIPTS,
+            new=True,
+        ),
         Flag("seed", 0, "seed of weights, timesteps, noise and data order", new=True),
         Flag("num_workers", 0, "image-decoding worker processes", new=True),
         Flag("channels_last", False, "feed the network channels-last tensors (faster on GPUs)", new=True),
@@ -196,7 +218,7 @@ TRAIN = FlagGroup(
 SAMPLE = FlagGroup(
     "SAMPLE",
     "sampling",
-    ("image_sample", "super_res_sample"),
+    ("image_sample", "super_res_sample", "classifier_sample"),
     (
         Flag("model_path", "", "the checkpoint (.pt) to load; flags from the args.json beside it are the defaults"),
         Flag("clip_denoised", True, "clip the predicted x_0 to [-1, 1] at every step"),
@@ -228,7 +250,7 @@ SAMPLE = FlagGroup(
             "class_labels",
             "",
             'labels to sample, e.g. 0,1,2 (cycled); "": random labels',
-            scripts=("image_sample",),
+            scripts=("image_sample", "classifier_sample"),
             new=True,
         ),
         Flag(
@@ -254,6 +276,39 @@ CLASSIFIER = FlagGroup(
         Flag("classifier_use_scale_shift_norm", True, "FiLM time conditioning"),
         Flag("classifier_resblock_updown", True, "down/upsample inside residual blocks"),
         Flag("classifier_pool", "attention", "the head", choices=("adaptive", "attention", "spatial", "spatial_v2")),
+    ),
+)
+
+CLASSIFIER_TRAIN = FlagGroup(
+    "CLASSIFIER_TRAIN",
+    "training the noised classifier; guided-diffusion's names and defaults, the rest as in TRAIN",
+    ("classifier_train",),
+    (
+        Flag("val_data_dir", "", 'folder of labelled validation images ("": no validation)'),
+        Flag("noised", True, "classify noised images x_t at sampled t (False: clean images, t = 0)"),
+        Flag("iterations", 150000, "training steps in total"),
+        Flag("lr", 3e-4, "AdamW learning rate"),
+        Flag("anneal_lr", False, "anneal the learning rate linearly to 0 over --iterations"),
+        Flag("batch_size", 4, "images per step and process"),
+        Flag("eval_interval", 5, "steps between validation batches"),
+        Flag("ema_rate", "", 'comma-separated EMA rates, one ema_RATE_STEP.pt file each ("": none)', new=True),
+        Flag(
+            "random_crop",
+            True,
+            "random crops: shorter side resized to 1 to 1.25 x image_size, then a random square",
+            new=True,
+        ),
+        Flag("random_flip", True, "flip images left-right at random", new=True),
+    ),
+)
+
+CLASSIFIER_SAMPLE = FlagGroup(
+    "CLASSIFIER_SAMPLE",
+    "classifier guidance [ADM Alg. 1 and 2]; guided-diffusion's names and defaults",
+    ("classifier_sample",),
+    (
+        Flag("classifier_path", "", "the noised classifier (.pt); flags from the args.json beside it are the defaults"),
+        Flag("classifier_scale", 1.0, "guidance scale s: the classifier's log-probability gradient times s (0: none)"),
     ),
 )
 
@@ -292,7 +347,7 @@ SPEED = FlagGroup(
     ),
 )
 
-GROUPS = (MODEL, DIFFUSION, CLASSIFIER, TRAIN, SAMPLE, NLL, SPEED)
+GROUPS = (MODEL, DIFFUSION, CLASSIFIER, TRAIN, CLASSIFIER_TRAIN, SAMPLE, CLASSIFIER_SAMPLE, NLL, SPEED)
 
 
 def flags_for(script: str, groups: Iterable[FlagGroup] = GROUPS) -> List[Tuple[FlagGroup, List[Flag]]]:

@@ -6,7 +6,9 @@ conditioning a file's class is its name before the first ``_`` and the sorted cl
 numbered from 0. Rank ``r`` of ``n`` takes files ``r, r + n, r + 2n, ...``. Each image is
 converted to RGB, halved with a box filter while its shorter side is at least twice the target,
 scaled with bicubic resampling so the shorter side equals the target, centre-cropped and mapped
-to ``x / 127.5 - 1`` (the original's preprocessing, [IDDPM §4]).
+to ``x / 127.5 - 1`` (the original's preprocessing, [IDDPM §4]). With ``random_crop`` (guided-
+diffusion's augmentation [ADM]) the shorter side is first resized to a random length in
+[S, ceil(S / 0.8)] and a random S x S square is cut out.
 
 Unlike the original's endless ``DataLoader`` loop, the order is a seeded permutation per epoch
 and the loader has a position (``state_dict`` / ``load_state_dict``), so a resumed training run
@@ -16,6 +18,7 @@ the training loop; a bad file still gives a one-line :class:`UserError` naming i
 """
 
 import atexit
+import math
 import os
 import signal
 import warnings
@@ -60,6 +63,7 @@ def load_data(
     seed: int = 0,
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
+    random_crop: bool = False,
     image_channels: int = 3,
 ) -> "ImageLoader":
     """
@@ -71,8 +75,10 @@ def load_data(
     :param class_cond: if True, ``model_kwargs`` holds ``"y"``: (N,) int64 class labels.
     :param deterministic: if True, files come in sorted order every epoch (no shuffling).
     :param random_flip: if True, mirror each image left-right with probability 1/2.
+    :param random_crop: if True, a random crop of a randomly resized image (:func:`random_crop_arr`)
+        instead of the centre crop.
     :param num_workers: decoding worker processes (0 = decode in this process).
-    :param seed: seed of the per-epoch shuffling and flipping.
+    :param seed: seed of the per-epoch shuffling, flipping and cropping.
     :param rank: this process's rank; default ``dist_util.get_rank()``.
     :param world_size: number of processes; default ``dist_util.get_world_size()``.
     :param image_channels: channels C of the images (1 grey, 2 grey + alpha, 3 RGB, 4 RGBA);
@@ -96,6 +102,7 @@ def load_data(
         image_size,
         all_files[rank::world_size],
         classes=None if labels is None else labels[rank::world_size],
+        random_crop=random_crop,
         mode=mode,
     )
     return ImageLoader(
@@ -108,22 +115,23 @@ def load_data(
     )
 
 
-def list_image_files(data_dir: str) -> List[str]:
+def list_image_files(data_dir: str, flag: str = "data_dir") -> List[str]:
     """
     Every image file under ``data_dir``, depth first, entries of each folder sorted by name.
 
+    :param flag: the flag named in errors (e.g. ``"val_data_dir"``).
     :raises UserError: if the folder is missing, not a folder, or holds no image files.
     """
     if not data_dir:
-        raise UserError("--data_dir is empty: pass the folder holding the training images")
+        raise UserError(f"--{flag} is empty: pass the folder holding the training images")
     if not bf.exists(data_dir):
-        raise UserError(f"--data_dir {data_dir}: no such folder")
+        raise UserError(f"--{flag} {data_dir}: no such folder")
     if not bf.isdir(data_dir):
-        raise UserError(f"--data_dir {data_dir}: not a folder")
+        raise UserError(f"--{flag} {data_dir}: not a folder")
     files = _list_recursively(bf, data_dir)
     if not files:
         exts = ", ".join(IMAGE_EXTENSIONS)
-        raise UserError(f"--data_dir {data_dir}: no image files ({exts}) found, searched recursively")
+        raise UserError(f"--{flag} {data_dir}: no image files ({exts}) found, searched recursively")
     return files
 
 
@@ -225,15 +233,45 @@ def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
 
     :return: (image_size, image_size, C) uint8 array, C the image's channels.
     """
-    while min(*image.size) >= 2 * image_size:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-    scale = image_size / min(*image.size)
-    image = image.resize(tuple(max(image_size, round(x * scale)) for x in image.size), resample=Image.BICUBIC)
-    arr = np.asarray(image)
-    arr = arr[:, :, None] if arr.ndim == 2 else arr  # one-band modes: (H, W) -> (H, W, 1)
+    arr = _resize_shorter_side(image, image_size)
     crop_y = (arr.shape[0] - image_size) // 2
     crop_x = (arr.shape[1] - image_size) // 2
     return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
+
+
+def random_crop_arr(
+    image: Image.Image,
+    image_size: int,
+    rng: np.random.Generator,
+    min_crop_frac: float = 0.8,
+    max_crop_frac: float = 1.0,
+) -> np.ndarray:
+    """
+    guided-diffusion's random crop [ADM]: resize so the shorter side is a length drawn uniformly
+    from [ceil(S / max_crop_frac), ceil(S / min_crop_frac)] (box halving, then bicubic, as
+    :func:`center_crop_arr`), then cut an S x S square at a uniformly random place.
+
+    :param rng: draws the side and the place (so a seed fixes the crop).
+    :return: (image_size, image_size, C) uint8 array, C the image's channels.
+    """
+    low, high = math.ceil(image_size / max_crop_frac), math.ceil(image_size / min_crop_frac)
+    arr = _resize_shorter_side(image, int(rng.integers(low, high + 1)))
+    crop_y = int(rng.integers(0, arr.shape[0] - image_size + 1))
+    crop_x = int(rng.integers(0, arr.shape[1] - image_size + 1))
+    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
+
+
+def _resize_shorter_side(image: Image.Image, side: int) -> np.ndarray:
+    """
+    Halve with a box filter while the shorter side is >= 2 * side, then bicubic to a shorter side
+    of ``side``; returns (H, W, C) uint8.
+    """
+    while min(*image.size) >= 2 * side:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = side / min(*image.size)
+    image = image.resize(tuple(max(side, round(x * scale)) for x in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    return arr[:, :, None] if arr.ndim == 2 else arr  # one-band modes: (H, W) -> (H, W, 1)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -254,9 +292,10 @@ class _LoadError:
 
 class ImageDataset(torch.utils.data.Dataset):
     """
-    Images of one shard; item ``(i, flip)`` is a (C, H, W) float32 array in ``[-1, 1]`` and
-    its class (or -1), or a :class:`_LoadError` for an unreadable file. ``mode`` is the PIL
-    mode every file is converted to (C = its number of bands).
+    Images of one shard; item ``(i, flip)`` or ``(i, flip, crop_seed)`` is a (C, H, W) float32
+    array in ``[-1, 1]`` and its class (or -1), or a :class:`_LoadError` for an unreadable file.
+    ``mode`` is the PIL mode every file is converted to (C = its number of bands); with
+    ``random_crop``, ``crop_seed`` seeds the item's :func:`random_crop_arr`.
     """
 
     def __init__(
@@ -264,6 +303,7 @@ class ImageDataset(torch.utils.data.Dataset):
         resolution: int,
         image_paths: Sequence[str],
         classes: Optional[Sequence[int]] = None,
+        random_crop: bool = False,
         mode: str = "RGB",
     ):
         super().__init__()
@@ -271,14 +311,19 @@ class ImageDataset(torch.utils.data.Dataset):
         self.mode = mode
         self.local_images = list(image_paths)
         self.local_classes = None if classes is None else list(classes)
+        self.random_crop = random_crop
 
     def __len__(self) -> int:
         return len(self.local_images)
 
-    def __getitem__(self, item: Tuple[int, bool]) -> Any:
-        idx, flip = item
+    def __getitem__(self, item: Tuple[int, ...]) -> Any:
+        idx, flip, crop_seed = (*item, 0)[:3]
         try:
-            arr = center_crop_arr(read_image(self.local_images[idx], self.mode), self.resolution)
+            image = read_image(self.local_images[idx], self.mode)
+            if self.random_crop:
+                arr = random_crop_arr(image, self.resolution, np.random.default_rng(crop_seed))
+            else:
+                arr = center_crop_arr(image, self.resolution)
         except UserError as exc:
             return _LoadError(str(exc))
         if flip:
@@ -299,8 +344,8 @@ def _collate(items: List[Any]) -> Any:
 
 class _IndexStream(torch.utils.data.Sampler):
     """
-    Batches of ``(index, flip)`` pairs read from the endless concatenation of per-epoch
-    permutations, starting at absolute position ``self.start`` (epoch = position // n).
+    Batches of ``(index, flip, crop_seed)`` triples read from the endless concatenation of
+    per-epoch permutations, starting at absolute position ``self.start`` (epoch = position // n).
     """
 
     def __init__(self, n: int, batch_size: int, shuffle: bool, random_flip: bool, seed: int):
@@ -308,24 +353,25 @@ class _IndexStream(torch.utils.data.Sampler):
         self.shuffle, self.random_flip, self.seed = shuffle, random_flip, seed
         self.start = 0
 
-    def epoch_order(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
-        """File indices and flip decisions of one epoch (a pure function of seed and epoch)."""
+    def epoch_order(self, epoch: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """File indices, flip decisions and crop seeds of one epoch (a pure function of seed and epoch)."""
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
         flips = rng.random(self.n) < 0.5 if self.random_flip else np.zeros(self.n, dtype=bool)
-        return order, flips
+        crop_seeds = rng.integers(0, 2**63 - 1, size=self.n)  # used only by a random-crop data set
+        return order, flips, crop_seeds
 
-    def __iter__(self) -> Iterator[List[Tuple[int, bool]]]:
+    def __iter__(self) -> Iterator[List[Tuple[int, bool, int]]]:
         position = self.start
-        epoch, (order, flips) = -1, (None, None)
+        epoch, (order, flips, crop_seeds) = -1, (None, None, None)
         while True:
             batch = []
             while len(batch) < self.batch_size:
                 if position // self.n != epoch:
                     epoch = position // self.n
-                    order, flips = self.epoch_order(epoch)
+                    order, flips, crop_seeds = self.epoch_order(epoch)
                 i = position % self.n
-                batch.append((int(order[i]), bool(flips[i])))
+                batch.append((int(order[i]), bool(flips[i]), int(crop_seeds[i])))
                 position += 1
             yield batch
 

@@ -215,16 +215,20 @@ def model_session(
             logger.log(line)
 
 
-def load_checkpoint(model: torch.nn.Module, args: argparse.Namespace, keys: Iterable[str]) -> None:
+def load_checkpoint(
+    model: torch.nn.Module, args: argparse.Namespace, keys: Iterable[str], path_flag: str = "model_path"
+) -> None:
     """
-    Load ``--model_path`` into ``model``, move it to ``dist_util.dev()`` and put it in eval mode.
+    Load ``--model_path`` (or the flag ``path_flag``, e.g. ``classifier_path``) into ``model``,
+    move it to ``dist_util.dev()`` and put it in eval mode.
 
     The state dict is read on rank 0 and broadcast (``dist_util.load_state_dict``, weights
     only); a mismatch with the flags raises a UserError naming the checkpoint, the keys and
     shapes, and the flags that probably differ.
     """
-    state_dict = dist_util.load_state_dict(args.model_path, map_location="cpu")
-    load_model_state(model, state_dict, args.model_path, flags=args_to_dict(args, keys))
+    path = getattr(args, path_flag)
+    state_dict = dist_util.load_state_dict(path, map_location="cpu")
+    load_model_state(model, state_dict, path, flags=args_to_dict(args, keys))
     model.to(dist_util.dev())
     # Sampling and evaluation: eval() turns dropout off; forgetting it changes every sample.
     model.eval()
@@ -374,6 +378,21 @@ def classifier_cond_fn(classifier: Callable[..., torch.Tensor], classifier_scale
             return torch.autograd.grad(selected.sum(), x_in)[0] * classifier_scale
 
     return cond_fn
+
+
+def labels_for_classifier_only(model: Callable[..., torch.Tensor], class_cond: bool) -> Callable[..., torch.Tensor]:
+    """
+    The model as guided sampling calls it: the labels ``y`` of the model kwargs always reach the
+    classifier (``cond_fn``), but the model only when it is class-conditional (guided-diffusion's
+    ``model_fn``), so an unconditional model can be guided too.
+    """
+    if class_cond:
+        return model
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None, **kwargs: Any) -> torch.Tensor:
+        return model(x, t, **kwargs)
+
+    return model_fn
 
 
 def _in_index_order(parts: Sequence[Dict[str, np.ndarray]], num_samples: int) -> Dict[str, np.ndarray]:

@@ -317,6 +317,7 @@ def create_classifier(
     classifier_pool: str,
     num_classes: int = NUM_CLASSES,
     classifier_channel_mult: str = "",
+    speed: Optional[SpeedSettings] = None,
 ) -> EncoderUNetModel:
     """
     Build the noised classifier [ADM §4] from the classifier flags, as guided-diffusion's
@@ -324,6 +325,7 @@ def create_classifier(
 
     :param num_classes: logits per image (ours: guided fixes 1000).
     :param classifier_channel_mult: multipliers instead of the table (ours), e.g. ``"1,2,2"``.
+    :param speed: the network's speed settings (ours; default as for :func:`create_model`).
     """
     check_choice("classifier_pool", classifier_pool, CLASSIFIER_POOLS)
     _check_positive(image_size=image_size, classifier_width=classifier_width, classifier_depth=classifier_depth)
@@ -342,6 +344,7 @@ def create_classifier(
         use_scale_shift_norm=classifier_use_scale_shift_norm,
         resblock_updown=classifier_resblock_updown,
         pool=classifier_pool,
+        speed=speed,
     )
 
 
@@ -363,6 +366,7 @@ def create_classifier_and_diffusion(
     rescale_timesteps: bool,
     rescale_learned_sigmas: bool,
     sigma_small: bool = False,
+    speed: Optional[SpeedSettings] = None,
 ) -> Tuple[EncoderUNetModel, SpacedDiffusion]:
     """Build the noised classifier and the diffusion whose x_t it classifies (guided-diffusion's factory)."""
     values = locals()
@@ -376,6 +380,7 @@ def create_classifier_and_diffusion(
         classifier_use_scale_shift_norm,
         classifier_resblock_updown,
         classifier_pool,
+        speed=speed,
     )
     return classifier, diffusion
 

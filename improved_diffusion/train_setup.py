@@ -1,7 +1,8 @@
 """
-What the training scripts share between parsing flags and :class:`train_util.TrainLoop`:
-the whole ``main`` of a training script (:func:`train_main`), the validation of the TRAIN
-flags (before any work starts), seeding, and ``--compile``.
+What the training scripts share between parsing flags and the trainers
+(:class:`train_util.TrainLoop`, :class:`classifier_train_util.ClassifierTrainLoop`): the whole
+``main`` of a training script (:func:`train_main`), the validation of the TRAIN flags (before
+any work starts), seeding, and ``--compile``.
 """
 
 import argparse
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from . import dist_util, logger
+from .classifier_train_util import ClassifierTrainLoop, check_classifier_train_settings
 from .errors import UserError
 from .flags import training_defaults  # noqa: F401  (importable from here, as before)
 from .image_datasets import check_class_count, check_enough_images, list_image_files, load_data, load_superres_data
@@ -21,6 +23,8 @@ from .resample import SCHEDULE_SAMPLERS, create_named_schedule_sampler
 from .script_util import (
     args_to_dict,
     check_choice,
+    classifier_and_diffusion_defaults,
+    create_classifier_and_diffusion,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
     save_args_json,
@@ -41,7 +45,7 @@ def validate_training_args(args: argparse.Namespace) -> None:
         args.lr,
         args.log_interval,
         args.save_interval,
-        args.lr_anneal_steps,
+        getattr(args, "lr_anneal_steps", 0),  # classifier_train.py anneals over --iterations instead
         args.max_steps,
     )
     parse_ema_rates(args.ema_rate)
@@ -59,13 +63,54 @@ def validate_training_args(args: argparse.Namespace) -> None:
 
 def train_loop_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     """The :class:`TrainLoop` keyword arguments that come straight from flags (plus the log folder)."""
+    return {**_shared_loop_kwargs(args), "lr_anneal_steps": args.lr_anneal_steps}
+
+
+def _shared_loop_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """The keyword arguments of every trainer that come from TRAIN flags, plus the log folder."""
     keys = (
         "batch_size microbatch lr ema_rate log_interval save_interval resume_checkpoint use_fp16 "
-        "fp16_scale_growth weight_decay lr_anneal_steps use_bf16 max_steps channels_last"
+        "fp16_scale_growth weight_decay use_bf16 max_steps channels_last"
     ).split()
-    kwargs = {k: getattr(args, k) for k in keys}
-    kwargs["log_dir"] = logger.get_dir()
-    return kwargs
+    return {**{k: getattr(args, k) for k in keys}, "log_dir": logger.get_dir()}
+
+
+def diffusion_train_loop(
+    args: argparse.Namespace, model: torch.nn.Module, diffusion: Any, data: Iterator, schedule_sampler: Any
+) -> TrainLoop:
+    """The trainer of ``image_train.py`` and ``super_res_train.py``."""
+    return TrainLoop(
+        model=model, diffusion=diffusion, data=data, schedule_sampler=schedule_sampler, **train_loop_kwargs(args)
+    )
+
+
+def classifier_train_loop(
+    args: argparse.Namespace, model: torch.nn.Module, diffusion: Any, data: Iterator, schedule_sampler: Any
+) -> ClassifierTrainLoop:
+    """The trainer of ``classifier_train.py``, with a validation loader when ``--val_data_dir`` is given."""
+    val_data = None
+    if args.val_data_dir:
+        val_data = load_data(
+            data_dir=args.val_data_dir,
+            batch_size=args.batch_size,
+            image_size=args.image_size,
+            class_cond=True,
+            random_flip=args.random_flip,
+            num_workers=args.num_workers,
+            seed=args.seed,
+        )
+    return ClassifierTrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=data,
+        val_data=val_data,
+        schedule_sampler=schedule_sampler,
+        noised=args.noised,
+        iterations=args.iterations,
+        anneal_lr=args.anneal_lr,
+        eval_interval=args.eval_interval,
+        **_shared_loop_kwargs(args),
+    )
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
@@ -97,12 +142,14 @@ def run_training(
     args: argparse.Namespace,
     build: Callable[[], Tuple[torch.nn.Module, Any]],
     make_data: Callable[[], Iterator],
+    make_loop: Callable[..., Any] = diffusion_train_loop,
 ) -> int:
     """
     The training scripts' shared body: check every flag and the data folder, build the model
     and diffusion with ``build()`` (which checks the model flags) before any folder is created
     or process group joined, then set up ranks and logging, load data with ``make_data()``,
-    resume, save ``args.json`` and train.
+    resume (the trainer ``make_loop(args, model, diffusion, data, schedule_sampler)``), save
+    ``args.json`` and train.
 
     :return: the signal number that stopped training (0 when it ended by itself).
     """
@@ -110,7 +157,7 @@ def run_training(
     # Before any process group exists, so that every rank stops alike and rank 0 reports once.
     files = list_image_files(args.data_dir)
     check_enough_images(args.data_dir, len(files), dist_util.detect_launch().world_size)
-    if args.class_cond:
+    if getattr(args, "class_cond", False):  # the diffusion trainers' label table (the classifier has none)
         check_class_count(args.data_dir, files, args.num_classes)
     seed_everything(args.seed)  # the same initial weights on every rank
     cuda_math = set_cuda_math(args.deterministic)  # before CUDA starts: cuBLAS reads its workspace setting once
@@ -130,9 +177,7 @@ def run_training(
         data = make_data()
 
         # Resuming happens here, so a checkpoint contradicting the flags leaves args.json alone.
-        loop = TrainLoop(
-            model=model, diffusion=diffusion, data=data, schedule_sampler=schedule_sampler, **train_loop_kwargs(args)
-        )
+        loop = make_loop(args, model, diffusion, data, schedule_sampler)
         if dist_util.is_main_process():
             save_args_json(args, logger.get_dir())
         logger.log("training...")
@@ -141,25 +186,71 @@ def run_training(
 
 
 def _loader_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-    """The data-loader arguments both training scripts take from their TRAIN/MODEL flags."""
-    keys = ("data_dir", "batch_size", "class_cond", "random_flip", "num_workers", "seed", "image_channels")
+    """The data-loader arguments every training script takes from its TRAIN flags."""
+    keys = ("data_dir", "batch_size", "random_flip", "random_crop", "num_workers", "seed")
     return {k: getattr(args, k) for k in keys}
 
 
 def image_data(args: argparse.Namespace) -> Iterator:
     """``image_train.py``'s data: endless batches of ``--image_size`` images (labels with ``--class_cond``)."""
-    return load_data(image_size=args.image_size, **_loader_kwargs(args))
+    return load_data(
+        image_size=args.image_size,
+        class_cond=args.class_cond,
+        image_channels=args.image_channels,
+        **_loader_kwargs(args),
+    )
 
 
 def super_res_data(args: argparse.Namespace) -> Iterator:
     """``super_res_train.py``'s data: ``--large_size`` images with ``low_res`` at ``--small_size``."""
-    return load_superres_data(large_size=args.large_size, small_size=args.small_size, **_loader_kwargs(args))
+    return load_superres_data(
+        large_size=args.large_size,
+        small_size=args.small_size,
+        class_cond=args.class_cond,
+        image_channels=args.image_channels,
+        **_loader_kwargs(args),
+    )
 
 
-# What each training script trains: (model factory, its MODEL/DIFFUSION defaults, its data).
+def classifier_data(args: argparse.Namespace) -> Iterator:
+    """``classifier_train.py``'s data: labelled ``--image_size`` images (classes from file names)."""
+    return load_data(image_size=args.image_size, class_cond=True, **_loader_kwargs(args))
+
+
+def _build(
+    create_fn: Callable[..., Tuple[torch.nn.Module, Any]],
+    defaults_fn: Callable[[], Dict[str, Any]],
+    extra_keys: Sequence[str] = (),
+):
+    """``build(args)``: ``create_fn`` on the flags of ``defaults_fn()`` and ``extra_keys``, with the SPEED settings."""
+
+    def build(args: argparse.Namespace) -> Tuple[torch.nn.Module, Any]:
+        return create_fn(**args_to_dict(args, [*defaults_fn(), *extra_keys]), speed=speed_from_args(args))
+
+    return build
+
+
+def _build_classifier(args: argparse.Namespace) -> Tuple[torch.nn.Module, Any]:
+    """The classifier and its diffusion; its own flags and the validation folder are checked first."""
+    check_classifier_train_settings(args.iterations, args.eval_interval)
+    if args.val_data_dir:
+        list_image_files(args.val_data_dir, flag="val_data_dir")
+    return _build(create_classifier_and_diffusion, classifier_and_diffusion_defaults)(args)
+
+
+# What each training script trains: (build(args) -> (model, diffusion), its data, its trainer).
 TRAINING_SCRIPTS = {
-    "image_train": (create_model_and_diffusion, model_and_diffusion_defaults, image_data),
-    "super_res_train": (sr_create_model_and_diffusion, sr_model_and_diffusion_defaults, super_res_data),
+    "image_train": (
+        _build(create_model_and_diffusion, model_and_diffusion_defaults, ("snr_gamma",)),
+        image_data,
+        diffusion_train_loop,
+    ),
+    "super_res_train": (
+        _build(sr_create_model_and_diffusion, sr_model_and_diffusion_defaults, ("snr_gamma",)),
+        super_res_data,
+        diffusion_train_loop,
+    ),
+    "classifier_train": (_build_classifier, classifier_data, classifier_train_loop),
 }
 
 
@@ -169,16 +260,12 @@ def train_main(script: str, doc: str, argv: Optional[Sequence[str]] = None) -> N
     with the SPEED settings, and train on its data (:func:`run_training`). Stopped by a signal,
     it exits with 128 + the signal's number after saving, as a shell reports a killed process.
 
-    :param script: ``"image_train"`` or ``"super_res_train"`` (selects flag groups, model and data).
+    :param script: ``"image_train"``, ``"super_res_train"`` or ``"classifier_train"`` (selects
+        flag groups, model, data and trainer).
     :param doc: the script's docstring (the description in ``--help``).
     """
-    create_fn, defaults_fn, make_data = TRAINING_SCRIPTS[script]
+    build, make_data, make_loop = TRAINING_SCRIPTS[script]
     args = script_parser(script, doc).parse_args(argv)
-    keys = list(defaults_fn())
-
-    def build() -> Tuple[torch.nn.Module, Any]:
-        return create_fn(**args_to_dict(args, keys), snr_gamma=args.snr_gamma, speed=speed_from_args(args))
-
-    stop_signal = run_training(args, build, lambda: make_data(args))
+    stop_signal = run_training(args, lambda: build(args), lambda: make_data(args), make_loop)
     if stop_signal:
         sys.exit(128 + stop_signal)

@@ -49,40 +49,30 @@ def parse_ema_rates(ema_rate: Union[str, float, Sequence[float]]) -> List[float]
     return rates
 
 
-class TrainLoop:
+class TrainerBase:
     """
-    Train ``model`` on batches from ``data`` with the losses of ``diffusion``.
+    What every trainer of this package shares, whatever its loss: float32 weights on the device,
+    AdamW with an optional linear learning-rate anneal, EMA copies of the weights (none with an
+    empty ``ema_rate``), mixed precision through :class:`~.precision.MixedPrecision`, skipping
+    non-finite steps, checkpoints through :mod:`.checkpoints` (exact resume), per-quartile-of-t
+    logging, and the loop that stops at a step limit or a signal, saving first.
 
-    :param model: the network; its weights stay float32 (checkpoints load into the original).
-    :param diffusion: provides ``training_losses`` and ``num_timesteps``.
-    :param data: endless iterator of ``(images (N, C, H, W), model_kwargs)``; if it has
-        ``state_dict``/``load_state_dict`` (as :func:`image_datasets.load_data`'s loader does),
-        its position is saved and restored.
-    :param batch_size: images per step and process; ``microbatch`` (-1 = whole batch) splits it
-        into chunks whose gradients accumulate into one step.
-    :param lr: AdamW learning rate, annealed linearly to 0 over ``lr_anneal_steps`` (0 = constant,
-        and no end); ``weight_decay`` is AdamW's.
-    :param ema_rate: one rate or a comma-separated list (``"0.9999,0.999"``).
-    :param log_interval: steps between log rows; ``save_interval``: steps between checkpoints
-        (0 = only at the end).
-    :param resume_checkpoint: ``""``, a ``modelNNNNNN.pt`` path, or ``"auto"``.
-    :param use_fp16: float16 autocast with loss scaling (bfloat16 on a CPU); the scale's log2
-        grows by ``fp16_scale_growth`` per good step.
-    :param schedule_sampler: timestep sampler (default uniform).
-    :param use_bf16: bfloat16 autocast for the network's forward (no loss scaling).
-    :param max_steps: stop after this many steps in total (0 = no limit).
-    :param log_dir: checkpoint folder (default ``logger.get_dir()``).
-    :param max_nonfinite_steps: stop with an error after this many non-finite losses in a row (seen when logging).
-    :param channels_last: feed the network channels-last tensors (faster convolutions on GPUs).
-    :param handle_signals: save a checkpoint on SIGTERM / SIGINT, then return from run_loop.
+    A subclass implements :meth:`forward_backward` (accumulate the step's gradient and record its
+    per-sample statistics with :meth:`_accumulate_losses`) and may add work after each step with
+    :meth:`after_step`. Parameters as in :class:`TrainLoop`, plus:
+
+    :param num_timesteps: T of the diffusion, for the quartiles of t in the log.
+
+    A subclass names its step limits in :meth:`step_limits` (read at every step, so a caller may
+    change them between runs).
     """
 
     def __init__(
         self,
         *,
         model: torch.nn.Module,
-        diffusion: Any,
         data: Iterator[Tuple[torch.Tensor, Dict[str, torch.Tensor]]],
+        num_timesteps: int,
         batch_size: int,
         microbatch: int,
         lr: float,
@@ -90,28 +80,27 @@ class TrainLoop:
         log_interval: int,
         save_interval: int,
         resume_checkpoint: str,
+        schedule_sampler: Any,
         use_fp16: bool = False,
         fp16_scale_growth: float = 1e-3,
-        schedule_sampler: Optional[Any] = None,
         weight_decay: float = 0.0,
         lr_anneal_steps: int = 0,
         use_bf16: bool = False,
-        max_steps: int = 0,
         log_dir: Optional[str] = None,
         max_nonfinite_steps: int = 5,
         channels_last: bool = False,
         handle_signals: bool = True,
     ):
-        check_train_settings(batch_size, microbatch, lr, log_interval, save_interval, lr_anneal_steps, max_steps)
-        self.model, self.diffusion, self.data = model, diffusion, data
+        check_train_settings(batch_size, microbatch, lr, log_interval, save_interval, lr_anneal_steps, 0)
+        self.model, self.data, self.num_timesteps = model, data, num_timesteps
         self.batch_size = batch_size
         self.microbatch = microbatch if microbatch > 0 else batch_size
         self.lr, self.weight_decay, self.lr_anneal_steps = lr, weight_decay, lr_anneal_steps
         self.ema_rate = parse_ema_rates(ema_rate)
         self.log_interval, self.save_interval = log_interval, save_interval
         self.resume_checkpoint = resume_checkpoint
-        self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
-        self.max_steps, self.max_nonfinite_steps = max_steps, max_nonfinite_steps
+        self.schedule_sampler = schedule_sampler
+        self.max_nonfinite_steps = max_nonfinite_steps
         self.channels_last = channels_last
         self.stop = StopRequest(handle_signals)
         self.log_dir = log_dir or logger.get_dir()
@@ -170,7 +159,7 @@ class TrainLoop:
     # the loop
 
     def run_loop(self) -> None:
-        """Train until ``lr_anneal_steps`` / ``max_steps`` (or forever), a signal, or an error."""
+        """Train until a step limit (or forever), a signal, or an error."""
         with self.stop.installed(), step_progress(self._total_steps(), self.step) as bar:
             # Training mode for dropout; the EMA copies are plain tensors and never run.
             self.model.train()
@@ -178,6 +167,7 @@ class TrainLoop:
                 batch, cond = next(self.data)
                 self.run_step(batch, cond)
                 bar.update(1)
+                self.after_step()
                 if self.step % self.log_interval == 0:
                     self.log_step()
                 if self.save_interval > 0 and self.step % self.save_interval == 0:
@@ -188,9 +178,13 @@ class TrainLoop:
             if self._last_saved_step != self.step:
                 self.save()
 
+    def step_limits(self) -> Sequence[int]:
+        """Step counts at which training ends (0 entries: no limit); the smallest wins. None here."""
+        return ()
+
     def _total_steps(self) -> int:
-        """Steps the run ends at (``lr_anneal_steps`` / ``max_steps``); 0 when it runs until stopped."""
-        limits = [s for s in (self.lr_anneal_steps, self.max_steps) if s > 0]
+        """Steps the run ends at (the smallest step limit); 0 when it runs until stopped."""
+        limits = [s for s in self.step_limits() if s > 0]
         return min(limits) if limits else 0
 
     def _done(self, step: Optional[int] = None) -> bool:
@@ -212,15 +206,22 @@ class TrainLoop:
         self.step += 1
 
     def forward_backward(self, batch: torch.Tensor, cond: Dict[str, torch.Tensor]) -> None:
+        """Accumulate the gradient of one batch (the subclass's loss)."""
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Work after each step, before logging and saving (none here)."""
+
+    def _microbatches(
+        self, batch: torch.Tensor, cond: Dict[str, torch.Tensor]
+    ) -> Iterator[Tuple[torch.Tensor, Dict[str, torch.Tensor], float, contextlib.AbstractContextManager]]:
         """
-        Accumulate the gradient of the batch's importance-weighted mean loss over microbatches.
+        The batch in chunks of ``microbatch`` on the device, each with its share of the batch
+        (its loss weight) and the context to compute it in: DDP synchronises gradients only on
+        the last chunk. Gradients are cleared first.
 
-        Each microbatch's loss is weighted by its share of the batch, so the gradient equals the
-        full batch's whatever the microbatch (the original summed microbatch means instead).
-        DDP synchronises gradients only on the last microbatch.
-
-        :param batch: (N, C, H, W) images in [-1, 1].
-        :param cond: model keyword arguments, each with N rows (e.g. ``"y"``: (N,) labels).
+        :param batch: (N, C, H, W) images; ``cond``: keyword tensors with N rows.
+        :return: iterator of ``(micro, micro_cond, share, sync_context)``.
         """
         self.precision.zero_grad(self.params)
         self._step_stats: Dict[str, torch.Tensor] = {}
@@ -229,16 +230,17 @@ class TrainLoop:
             micro = batch[i : i + self.microbatch].to(self.device, non_blocking=True)
             micro_cond = {k: v[i : i + self.microbatch].to(self.device, non_blocking=True) for k, v in cond.items()}
             last = i + self.microbatch >= n
-            t, weights = self.schedule_sampler.sample(micro.shape[0], self.device)
             sync = contextlib.nullcontext() if last or self.ddp_model is self.model else self.ddp_model.no_sync()
-            with sync:
-                losses = self.diffusion.training_losses(self._network, micro, t, model_kwargs=micro_cond)
-                loss = (losses["loss"] * weights).mean() * (micro.shape[0] / n)
-                self._accumulate_losses(t, weights, losses)
-                self.precision.backward(loss)
-            if isinstance(self.schedule_sampler, LossAwareSampler):
-                # After the backward, so that its gather (a host sync by design) does not stall it.
-                self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
+            yield micro, micro_cond, micro.shape[0] / n, sync
+
+    def _update_sampler(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        """
+        Feed a loss-aware timestep sampler the per-sample losses (N,) at timesteps t (N,); call it
+        after the backward, so that its gather (a host sync by design) does not stall it. The
+        sampler leaves out non-finite losses itself, on the host (no boolean mask here).
+        """
+        if isinstance(self.schedule_sampler, LossAwareSampler):
+            self.schedule_sampler.update_with_local_losses(t, losses.detach())
 
     def optimize(self) -> torch.Tensor:
         """
@@ -286,14 +288,8 @@ class TrainLoop:
         self._step_stats = {}
 
     def _accumulate_losses(self, t: torch.Tensor, weights: torch.Tensor, losses: Dict[str, torch.Tensor]) -> None:
-        quartile = torch.div(4 * t, self.diffusion.num_timesteps, rounding_mode="floor").clamp(0, 3)
-        stats = self._step_stats
-        ones = torch.ones(t.shape, device=t.device)  # a per-quartile count without bincount's host sync
-        stats["_count"] = stats.get("_count", 0) + torch.zeros(4, device=t.device).index_add_(0, quartile, ones)
-        for key, values in losses.items():
-            weighted = (values.detach() * weights).float()
-            sums = torch.zeros(4, device=weighted.device).index_add_(0, quartile, weighted)
-            stats[key] = stats.get(key, 0) + sums
+        """Add per-sample values (N,) at timesteps t (N,), weighted by ``weights`` (N,), to the step's sums."""
+        self._step_stats = add_quartile_sums(self._step_stats, t, self.num_timesteps, losses, weights)
 
     def _merge_step_stats(self, norm: torch.Tensor, took: torch.Tensor) -> None:
         """Add the step's statistics to the interval's, unless the 0-d bool ``took`` is False."""
@@ -307,16 +303,8 @@ class TrainLoop:
         self._steps_taken += took
 
     def log_step(self) -> None:
-        """Log the interval's means (loss, mse, vb, their t-quartiles, grad_norm) and counters."""
-        keys = list(self._loss_sums)
-        packed = torch.stack([self._loss_counts, *(self._loss_sums[k] for k in keys)]).cpu().tolist()
-        counts = packed[0]
-        for key, sums in zip(keys, packed[1:]):
-            if sum(counts) > 0:
-                logger.logkv_mean(key, sum(sums) / sum(counts))
-            for q in range(4):
-                if counts[q] > 0:
-                    logger.logkv_mean(f"{key}_q{q}", sums[q] / counts[q])
+        """Log the interval's means (each loss and its t-quartiles, grad_norm) and counters."""
+        log_quartile_sums({"_count": self._loss_counts, **self._loss_sums})
         taken = int(self._steps_taken.item())
         if taken:
             logger.logkv_mean("grad_norm", self._grad_norm_sum.item() / taken)
@@ -345,6 +333,153 @@ class TrainLoop:
         extra["conv_paths"] = getattr(self.model, "speed_state", dict)()
         checkpoints.save(self.log_dir, self.step, self.training, extra)
         self._last_saved_step = self.step
+
+
+def add_quartile_sums(
+    sums: Dict[str, torch.Tensor],
+    t: torch.Tensor,
+    num_timesteps: int,
+    values: Dict[str, torch.Tensor],
+    weights: Optional[torch.Tensor] = None,
+) -> Dict[str, torch.Tensor]:
+    """
+    Per-quartile-of-t sums of per-sample values, kept on the device: ``sums["_count"]`` (4,)
+    counts the samples per quartile, ``sums[key]`` (4,) sums ``values[key] * weights``.
+
+    :param t: (N,) timestep indices in [0, num_timesteps).
+    :param values: per-sample values, each (N,).
+    :param weights: (N,) importance weights (None: 1).
+    :return: ``sums`` updated in place (and returned).
+    """
+    quartile = torch.div(4 * t, num_timesteps, rounding_mode="floor").clamp(0, 3)
+    ones = torch.ones(t.shape, device=t.device)  # a per-quartile count without bincount's host sync
+    sums["_count"] = sums.get("_count", 0) + torch.zeros(4, device=t.device).index_add_(0, quartile, ones)
+    for key, value in values.items():
+        weighted = value.detach().float() if weights is None else (value.detach() * weights).float()
+        sums[key] = sums.get(key, 0) + torch.zeros(4, device=weighted.device).index_add_(0, quartile, weighted)
+    return sums
+
+
+def log_quartile_sums(sums: Dict[str, torch.Tensor]) -> None:
+    """
+    ``logger.logkv_mean`` of each key's mean and its means per quartile (``{key}_q{q}``) from
+    :func:`add_quartile_sums`' sums, read from the device in one transfer.
+    """
+    if "_count" not in sums:
+        return
+    keys = [k for k in sums if k != "_count"]
+    packed = torch.stack([sums["_count"], *(sums[k] for k in keys)]).cpu().tolist()
+    counts = packed[0]
+    for key, key_sums in zip(keys, packed[1:]):
+        if sum(counts) > 0:
+            logger.logkv_mean(key, sum(key_sums) / sum(counts))
+        for q in range(4):
+            if counts[q] > 0:
+                logger.logkv_mean(f"{key}_q{q}", key_sums[q] / counts[q])
+
+
+class TrainLoop(TrainerBase):
+    """
+    Train ``model`` on batches from ``data`` with the losses of ``diffusion``.
+
+    :param model: the network; its weights stay float32 (checkpoints load into the original).
+    :param diffusion: provides ``training_losses`` and ``num_timesteps``.
+    :param data: endless iterator of ``(images (N, C, H, W), model_kwargs)``; if it has
+        ``state_dict``/``load_state_dict`` (as :func:`image_datasets.load_data`'s loader does),
+        its position is saved and restored.
+    :param batch_size: images per step and process; ``microbatch`` (-1 = whole batch) splits it
+        into chunks whose gradients accumulate into one step.
+    :param lr: AdamW learning rate, annealed linearly to 0 over ``lr_anneal_steps`` (0 = constant,
+        and no end); ``weight_decay`` is AdamW's.
+    :param ema_rate: one rate or a comma-separated list (``"0.9999,0.999"``).
+    :param log_interval: steps between log rows; ``save_interval``: steps between checkpoints
+        (0 = only at the end).
+    :param resume_checkpoint: ``""``, a ``modelNNNNNN.pt`` path, or ``"auto"``.
+    :param use_fp16: float16 autocast with loss scaling (bfloat16 on a CPU); the scale's log2
+        grows by ``fp16_scale_growth`` per good step.
+    :param schedule_sampler: timestep sampler (default uniform).
+    :param use_bf16: bfloat16 autocast for the network's forward (no loss scaling).
+    :param max_steps: stop after this many steps in total (0 = no limit).
+    :param log_dir: checkpoint folder (default ``logger.get_dir()``).
+    :param max_nonfinite_steps: stop with an error after this many non-finite losses in a row (seen when logging).
+    :param channels_last: feed the network channels-last tensors (faster convolutions on GPUs).
+    :param handle_signals: save a checkpoint on SIGTERM / SIGINT, then return from run_loop.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        diffusion: Any,
+        data: Iterator[Tuple[torch.Tensor, Dict[str, torch.Tensor]]],
+        batch_size: int,
+        microbatch: int,
+        lr: float,
+        ema_rate: Union[str, float, Sequence[float]],
+        log_interval: int,
+        save_interval: int,
+        resume_checkpoint: str,
+        use_fp16: bool = False,
+        fp16_scale_growth: float = 1e-3,
+        schedule_sampler: Optional[Any] = None,
+        weight_decay: float = 0.0,
+        lr_anneal_steps: int = 0,
+        use_bf16: bool = False,
+        max_steps: int = 0,
+        log_dir: Optional[str] = None,
+        max_nonfinite_steps: int = 5,
+        channels_last: bool = False,
+        handle_signals: bool = True,
+    ):
+        check_train_settings(batch_size, microbatch, lr, log_interval, save_interval, lr_anneal_steps, max_steps)
+        self.diffusion = diffusion
+        self.max_steps = max_steps
+        super().__init__(
+            model=model,
+            data=data,
+            num_timesteps=diffusion.num_timesteps,
+            batch_size=batch_size,
+            microbatch=microbatch,
+            lr=lr,
+            ema_rate=ema_rate,
+            log_interval=log_interval,
+            save_interval=save_interval,
+            resume_checkpoint=resume_checkpoint,
+            schedule_sampler=schedule_sampler or UniformSampler(diffusion),
+            use_fp16=use_fp16,
+            fp16_scale_growth=fp16_scale_growth,
+            weight_decay=weight_decay,
+            lr_anneal_steps=lr_anneal_steps,
+            use_bf16=use_bf16,
+            log_dir=log_dir,
+            max_nonfinite_steps=max_nonfinite_steps,
+            channels_last=channels_last,
+            handle_signals=handle_signals,
+        )
+
+    def step_limits(self) -> Sequence[int]:
+        """``lr_anneal_steps`` and ``max_steps``."""
+        return (self.lr_anneal_steps, self.max_steps)
+
+    def forward_backward(self, batch: torch.Tensor, cond: Dict[str, torch.Tensor]) -> None:
+        """
+        Accumulate the gradient of the batch's importance-weighted mean loss over microbatches.
+
+        Each microbatch's loss is weighted by its share of the batch, so the gradient equals the
+        full batch's whatever the microbatch (the original summed microbatch means instead).
+        DDP synchronises gradients only on the last microbatch.
+
+        :param batch: (N, C, H, W) images in [-1, 1].
+        :param cond: model keyword arguments, each with N rows (e.g. ``"y"``: (N,) labels).
+        """
+        for micro, micro_cond, share, sync in self._microbatches(batch, cond):
+            t, weights = self.schedule_sampler.sample(micro.shape[0], self.device)
+            with sync:
+                losses = self.diffusion.training_losses(self._network, micro, t, model_kwargs=micro_cond)
+                loss = (losses["loss"] * weights).mean() * share
+                self._accumulate_losses(t, weights, losses)
+                self.precision.backward(loss)
+            self._update_sampler(t, losses["loss"])
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device, world_size: int) -> torch.nn.Module:

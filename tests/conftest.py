@@ -48,3 +48,12 @@ def _isolated_logger(tmp_path):
 
     with logger.scoped_configure(dir=str(tmp_path / "logger"), format_strs=["log", "csv"]):
         yield
+
+
+@pytest.fixture
+def isolated(tmp_path):
+    """Undo what a script's main() does to this process (:func:`script_loader.main_effects_undone`)."""
+    from script_loader import main_effects_undone
+
+    with main_effects_undone(str(tmp_path / "outer_log")):
+        yield

@@ -9,7 +9,14 @@ import torch
 from PIL import Image
 
 from improved_diffusion.errors import UserError
-from improved_diffusion.image_datasets import center_crop_arr, class_labels, list_image_files, load_data, read_image
+from improved_diffusion.image_datasets import (
+    center_crop_arr,
+    class_labels,
+    list_image_files,
+    load_data,
+    random_crop_arr,
+    read_image,
+)
 
 ATOL = 1e-6
 
@@ -127,6 +134,44 @@ def test_random_flip_mirrors(tmp_path):
     is_flip = [torch.equal(f, plain[0].flip(-1)) for f in flipped]
     is_same = [torch.equal(f, plain[0]) for f in flipped]
     assert all(a or b for a, b in zip(is_flip, is_same)) and any(is_flip) and any(is_same)
+
+
+@pytest.mark.parametrize("size", [(12, 10), (40, 64), (7, 9)])
+def test_random_crop_shape_range_and_seed(size):
+    image = Image.fromarray(_rgb(*size, seed=3))
+    crops = [random_crop_arr(image, 8, np.random.default_rng(seed)) for seed in range(12)]
+    assert all(c.shape == (8, 8, 3) and c.dtype == np.uint8 for c in crops)
+    np.testing.assert_array_equal(random_crop_arr(image, 8, np.random.default_rng(4)), crops[4])
+    assert len({c.tobytes() for c in crops}) > 1  # the side and the place vary with the seed
+
+
+def test_random_crop_is_a_window_of_the_resized_image():
+    """The crop is an 8x8 window of the image resized to a shorter side in [8, ceil(8 / 0.8)] = [8, 10]."""
+    image = Image.fromarray(_rgb(12, 20, seed=1))
+    for seed in range(8):
+        crop = random_crop_arr(image, 8, np.random.default_rng(seed))
+        windows = [
+            resized[y : y + 8, x : x + 8]
+            for side in range(8, 11)
+            for resized in [np.asarray(image.resize((round(20 * side / 12), side), resample=Image.BICUBIC))]
+            for y in range(resized.shape[0] - 7)
+            for x in range(resized.shape[1] - 7)
+        ]
+        assert any(np.array_equal(crop, w) for w in windows), seed
+
+
+def test_random_crop_loader_is_seeded_and_resumable(folder):
+    a = _load(folder, random_crop=True, seed=2)
+    batches = [next(a)[0] for _ in range(5)]
+    assert all(b.shape == (2, 3, 8, 8) and b.min() >= -1 and b.max() <= 1 for b in batches)
+    b = _load(folder, random_crop=True, seed=2)
+    next(b)
+    c = _load(folder, random_crop=True, seed=2)
+    c.load_state_dict(b.state_dict())
+    for expected in batches[1:]:
+        torch.testing.assert_close(next(c)[0], expected, rtol=0, atol=0)
+    centre = [next(d)[0] for d in [_load(folder, seed=2)] for _ in range(5)]
+    assert not all(torch.equal(x, y) for x, y in zip(centre, batches))
 
 
 def test_workers_give_the_same_batches(folder):

@@ -17,12 +17,10 @@ import time
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from PIL import Image
-from script_loader import load_script
+from script_loader import load_script, run_script
 
-from improved_diffusion import dist_util, fileio, logger, train_util
-from improved_diffusion.errors import run_main
+from improved_diffusion import fileio, train_util
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXACT = dict(rtol=0, atol=0)
@@ -43,29 +41,6 @@ def image_train():
 
 
 @pytest.fixture
-def isolated(tmp_path, monkeypatch):
-    """
-    Undo what main() does to this process (the process group, the current logger), and keep
-    its logger off stdout, which pytest swaps per test.
-    """
-    monkeypatch.setenv("OPENAI_LOG_FORMAT", "log,csv")
-    had_group = dist.is_initialized()
-    # main() sets torch's process-wide arithmetic choices (precision.set_cuda_math): put them back.
-    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    cuda_math = [(torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "deterministic")]
-    cuda_math += [(torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32")]
-    saved = [getattr(owner, name) for owner, name in cuda_math]
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    with logger.scoped_configure(dir=str(tmp_path / "outer_log"), format_strs=[]):
-        yield
-    torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
-    for (owner, name), value in zip(cuda_math, saved):
-        setattr(owner, name, value)
-    if not had_group and dist.is_initialized():
-        dist_util.cleanup()
-
-
-@pytest.fixture
 def images(tmp_path):
     root = tmp_path / "images"
     root.mkdir()
@@ -75,11 +50,7 @@ def images(tmp_path):
     return str(root)
 
 
-def _run(module, argv, capsys=None):
-    """Run a script's main like the command line does; returns (exit status, stderr)."""
-    with pytest.raises(SystemExit) as info:
-        run_main(lambda: module.main(argv))
-    return info.value.code, capsys.readouterr().err if capsys else ""
+_run = run_script
 
 
 def _train(module, images, log_dir, *extra, image_size="16"):
