@@ -48,7 +48,7 @@ FeatureFn = Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]]
 # scorer(images (N, H, W, C) uint8, labels (N,)) -> at least {"class_accuracy", "fid"}
 Scorer = Callable[[np.ndarray, np.ndarray], Dict[str, Any]]
 # sampler -> target NFE (heun: 2 N - 1, so the nearest below for an even target)
-DEFAULT_RUNS = "ancestral:25,50,100,250;ddim:10,20,50;dpm++2m:10,20,50;heun:10,20"
+DEFAULT_RUNS = "ancestral:25,50,100,250;ddim:10,20,50;dpm++2m:10,20,50;dpm++2m-sde:10,20,50;heun:10,20"
 
 
 def parse_runs(text: str) -> List[Tuple[str, int]]:
@@ -135,7 +135,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     plan = [(args.model_path, sampler, steps, 1.0) for sampler, steps in parse_runs(args.runs)]
     if args.cfg_model_path:
         scales = [float(w) for w in args.guidance_scales.split(",")]
-        plan += [(args.cfg_model_path, args.cfg_sampler, args.cfg_steps, w) for w in scales]
+        for sampler in args.cfg_sampler.split(","):
+            if sampler not in SAMPLERS:
+                raise UserError(f"--cfg_sampler {args.cfg_sampler}: expected samplers among {', '.join(SAMPLERS)}")
+            plan += [(args.cfg_model_path, sampler, args.cfg_steps, w) for w in scales]
     models = {path: load_model(path) for path in dict.fromkeys(p[0] for p in plan)}  # checked before any work
     scorers: Dict[int, Scorer] = {}
     rows = []
@@ -183,7 +186,7 @@ def create_argparser() -> argparse.ArgumentParser:
     parser.add_argument("--cfg_model_path", default="", help="a digit model trained with --class_dropout_prob 0.1")
     parser.add_argument("--runs", default=DEFAULT_RUNS, help="SAMPLER:NFE,...;... (heun: the odd NFE at or below)")
     parser.add_argument("--guidance_scales", default="1,2,4", help="classifier-free guidance scales w")
-    parser.add_argument("--cfg_sampler", default="dpm++2m", choices=SAMPLERS)
+    parser.add_argument("--cfg_sampler", default="dpm++2m,dpm++2m-sde", help="samplers (comma-separated) for guidance")
     parser.add_argument("--cfg_steps", type=int, default=20)
     parser.add_argument("--num_samples", type=int, default=1000, help="samples per run (FID wants many more than 128)")
     parser.add_argument("--batch_size", type=int, default=250)

@@ -28,7 +28,7 @@ CLASSIFIER_SCRIPTS = ("classifier_train", "classifier_sample")
 SCRIPTS = IMAGE_SCRIPTS + SUPER_RES_SCRIPTS + CLASSIFIER_SCRIPTS
 DIFFUSION_TRAIN_SCRIPTS = ("image_train", "super_res_train")
 # The names of :data:`.samplers.SAMPLERS` (a test keeps them equal; this module sits below samplers).
-SAMPLERS = ("ancestral", "ddim", "dpm++2m", "heun")
+SAMPLERS = ("ancestral", "ddim", "dpm++2m", "dpm++2m-sde", "heun")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,7 +229,8 @@ SAMPLE = FlagGroup(
             "sampler",
             "ancestral",
             "the update at each respaced step (--timestep_respacing decides where the model runs): "
-            "ancestral [DDPM Alg. 2], ddim [DDIM Eq. 12], dpm++2m [DPM-Solver++ Alg. 2] or heun [EDM Alg. 1]; "
+            "ancestral [DDPM Alg. 2], ddim [DDIM Eq. 12], dpm++2m [DPM-Solver++ Alg. 2] (ODE), dpm++2m-sde (its "
+            "SDE variant: fresh noise at every step, like ancestral) or heun [EDM Alg. 1]; "
             "one network evaluation per step, but heun costs two per step except the last (2 x steps - 1)",
             choices=SAMPLERS,
             new=True,

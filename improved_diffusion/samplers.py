@@ -12,15 +12,19 @@ update. Every sampler runs over the diffusion's own steps j = N-1, ..., 0 (a
 - ``dpm++2m``: DPM-Solver++(2M) [DPM-Solver++ Alg. 2] (Lu et al. 2022, "DPM-Solver++: Fast
   Solver for Guided Sampling of Diffusion Probabilistic Models"), multistep second order in the
   data-prediction form: :func:`dpm_solver_2m_update`;
+- ``dpm++2m-sde``: the same multistep solver on the reverse diffusion SDE instead of the ODE
+  (SDE-DPM-Solver++(2M) [DPM-Solver++, SDE variant]): each step solves the linear part exactly and adds the
+  matching noise, so that, like the ancestral sampler, it corrects the model's errors instead of
+  following them: :func:`dpm_solver_2m_sde_update`;
 - ``heun``: Heun's second-order method on the probability-flow ODE [EDM Alg. 1] (Karras et al.
   2022, "Elucidating the Design Space of Diffusion-Based Generative Models", without churn), on
   [EDM Eq. 4] with sigma(t) = tan t, s(t) = cos t: the VP process at the angle
   t = arctan(sigma / alpha), smooth from noise to data: :func:`heun_update`.
 
-The ODE solvers use only the model's prediction of x_0 (:meth:`p_mean_variance`'s
+The DPM-Solver++ and Heun solvers use only the model's prediction of x_0 (:meth:`p_mean_variance`'s
 ``pred_xstart``), so epsilon or x_0 prediction, fixed or learned variances, ``rescale_timesteps``,
 class labels and ``low_res`` all work unchanged; classifier guidance enters in score form
-[ADM Alg. 2] (:meth:`condition_score`), as for DDIM. The steps of the ODE solvers run through
+[ADM Alg. 2] (:meth:`condition_score`), as for DDIM. The solvers' steps run through
 the same loop driver as the ancestral and DDIM ones; a step is the only difference.
 
 Classifier-free guidance [CFG Eq. 6] (Ho & Salimans 2022) is a model wrapper,
@@ -36,8 +40,8 @@ import torch
 from .errors import UserError
 from .gaussian_diffusion import CondFn, GaussianDiffusion, Model, _last_sample
 
-ANCESTRAL, DDIM, DPM_SOLVER_2M, HEUN = "ancestral", "ddim", "dpm++2m", "heun"
-SAMPLERS = (ANCESTRAL, DDIM, DPM_SOLVER_2M, HEUN)
+ANCESTRAL, DDIM, DPM_SOLVER_2M, DPM_SOLVER_2M_SDE, HEUN = "ancestral", "ddim", "dpm++2m", "dpm++2m-sde", "heun"
+SAMPLERS = (ANCESTRAL, DDIM, DPM_SOLVER_2M, DPM_SOLVER_2M_SDE, HEUN)
 
 # denoise(x (N, C, ...), j) -> the model's pred_xstart at step j, (N, C, ...) float32.
 Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
@@ -135,7 +139,9 @@ def sample_loop_progressive(
         return diffusion.p_sample_loop_progressive(*loop_args, cond_fn=cond_fn)
     if sampler == DDIM:
         return diffusion.ddim_sample_loop_progressive(*loop_args, eta, cond_fn=cond_fn)
-    update = dpm_solver_2m_update if sampler == DPM_SOLVER_2M else heun_update
+    update = {DPM_SOLVER_2M: dpm_solver_2m_update, DPM_SOLVER_2M_SDE: dpm_solver_2m_sde_update}.get(
+        sampler, heun_update
+    )
     # The ancestral/DDIM loop driver, with an ODE solver's step.
     return diffusion._sample_loop_progressive(_SolverStep(diffusion, update), *loop_args, cond_fn)
 
@@ -190,6 +196,48 @@ def dpm_solver_2m_update(
         r = (_log_snr(levels, s) - _log_snr(levels, s + 1)) / h
         derivative = (1 + 1 / (2 * r)) * pred_xstart - (1 / (2 * r)) * previous_xstart
     sample = (sigma[t] / sigma[s]) * x - (alpha[t] * math.expm1(-h)) * derivative
+    return {"sample": sample, "pred_xstart": pred_xstart}
+
+
+def dpm_solver_2m_sde_update(
+    denoise: Denoiser,
+    x: torch.Tensor,
+    j: int,
+    levels: NoiseLevels,
+    previous_xstart: Optional[torch.Tensor],
+) -> Dict[str, torch.Tensor]:
+    """
+    One step of SDE-DPM-Solver++(2M) [DPM-Solver++, SDE variant] from step j to step j - 1. In lambda the
+    reverse diffusion SDE in data-prediction form has the exact solution
+
+        x_{j-1} = (sigma_{j-1} / sigma_j) e^{-h} x_j + sigma_{j-1} sqrt(1 - e^{-2h}) z
+                  + 2 alpha_{j-1} int e^{-2 (lambda_{j-1} - lambda)} x0(lambda) dlambda,   z ~ N(0, I),
+
+    the integral over [lambda_j, lambda_{j-1}], h = lambda_{j-1} - lambda_j. With x0 held at x0_j
+    (first order) the step is the posterior q(x_{j-1} | x_j, x_0 = x0_j) of [DDPM Eq. 6-7], i.e.
+    DDIM with eta = 1; the second order takes x0 linear in lambda through the last two predictions,
+    whose integral adds
+
+        alpha_{j-1} (h - (1 - e^{-2h}) / 2) / (r h) (x0_j - x0_{j+1}),   r = h_prev / h.
+
+    First order on the first step and into step 0, and x_{-1} = x0_0 at the clean data, as in
+    :func:`dpm_solver_2m_update` (same reasons). The noise z comes from the global RNG, as in
+    :meth:`~.gaussian_diffusion.GaussianDiffusion.p_sample`.
+
+    Arguments and return value as in :func:`dpm_solver_2m_update`.
+    """
+    alpha, sigma = levels
+    s, t = j + 1, j
+    pred_xstart = denoise(x, j)
+    if sigma[t] == 0.0:
+        return {"sample": pred_xstart, "pred_xstart": pred_xstart}
+    h = _log_snr(levels, t) - _log_snr(levels, s)
+    fresh = -math.expm1(-2.0 * h)  # 1 - e^{-2h}: the share of new noise in x_{j-1}'s variance
+    sample = (sigma[t] / sigma[s] * math.exp(-h)) * x + (alpha[t] * fresh) * pred_xstart
+    if previous_xstart is not None and t > 1:  # not into step 0 (position 1)
+        r = (_log_snr(levels, s) - _log_snr(levels, s + 1)) / h
+        sample = sample + (alpha[t] * (h - fresh / 2) / (r * h)) * (pred_xstart - previous_xstart)
+    sample = sample + (sigma[t] * math.sqrt(fresh)) * torch.randn_like(x)
     return {"sample": sample, "pred_xstart": pred_xstart}
 
 

@@ -9,7 +9,7 @@ override them, and ``--preset NAME`` sets those of a released checkpoint pair. T
 when it is class-conditional, so an unconditional model can be guided as well. Each step adds
 ``--classifier_scale`` times the gradient of the classifier's log-probability of the label:
 to the mean in ancestral sampling, to the score with the other ``--sampler`` choices (``ddim``,
-``dpm++2m``, ``heun``). ``--guidance_scale`` other than 1 adds classifier-free guidance for a
+``dpm++2m``, ``dpm++2m-sde``, ``heun``). ``--guidance_scale`` other than 1 adds classifier-free guidance for a
 model trained with ``--class_dropout_prob > 0``. Seeds as in image_sample.py.
 """
 

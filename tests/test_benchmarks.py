@@ -1,16 +1,22 @@
 """
 Smoke tests of ``benchmarks/run.py``: the quick run exits 0 and prints one well-formed JSON line
-per benchmark. No timing is asserted (speed lives in benchmarks/README.md).
+per benchmark; ``benchmarks/sampler_quality.py`` plans every sampler.
+No timing is asserted (speed lives in benchmarks/README.md).
 """
 
 import importlib.util
 import json
 import os
 import re
+import runpy
 import subprocess
 import sys
+import types
 
 import pytest
+
+from improved_diffusion import samplers
+from improved_diffusion.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "run.py")
@@ -77,3 +83,17 @@ def test_sampler_quality_names_what_is_missing_in_one_line(tmp_path):
         assert re.match(r"error: sampler_quality.py needs the evaluator's improved_diffusion.digit_features", line)
     else:
         assert proc.returncode == 2 and "--model_path" in proc.stderr  # no args.json beside the missing file
+
+
+def test_sampler_quality_plans_every_sampler_at_its_nfe():
+    sampler_quality = types.SimpleNamespace(**runpy.run_path(os.path.join(REPO, "benchmarks", "sampler_quality.py")))
+    runs = sampler_quality.parse_runs(sampler_quality.DEFAULT_RUNS)
+    assert {name for name, _ in runs} == set(samplers.SAMPLERS)
+    assert sampler_quality.parse_runs("dpm++2m-sde:10,20;heun:10,19") == [
+        ("dpm++2m-sde", 10),
+        ("dpm++2m-sde", 20),
+        ("heun", 5),
+        ("heun", 10),
+    ]
+    with pytest.raises(UserError, match=r"^--runs 'euler:10'"):
+        sampler_quality.parse_runs("euler:10")

@@ -107,7 +107,9 @@ def test_the_solvers_use_only_the_x0_prediction(toy, sampler):
     torch.testing.assert_close(other, reference, atol=ATOL_EPS_TO_XSTART, rtol=0)
 
 
-@pytest.mark.parametrize("sampler, steps", [("ancestral", 5), ("ddim", 5), ("dpm++2m", 5), ("heun", 5), ("heun", 2)])
+@pytest.mark.parametrize(
+    "sampler, steps", [("ancestral", 5), ("ddim", 5), ("dpm++2m", 5), ("dpm++2m-sde", 5), ("heun", 5), ("heun", 2)]
+)
 def test_network_evaluations_count_the_model_calls(toy, sampler, steps):
     torch.manual_seed(0)
     _, _, model = _toy_run(toy, sampler, steps)
@@ -131,6 +133,50 @@ def test_one_dpm_solver_step_and_the_first_one_are_ddim_steps(toy):
     torch.testing.assert_close(first[0]["pred_xstart"], first[1]["pred_xstart"], atol=ATOL, rtol=0)
 
 
+def test_the_sde_solvers_first_step_is_the_posterior_step_of_ddim_with_eta_1(toy):
+    """SDE-DPM-Solver++(2M) without history: q(x_{j-1} | x_j, x0_j) with the same noise draw as DDIM's eta = 1."""
+    mu, s, x_T = toy
+    diffusion = create_gaussian_diffusion(steps=1000, timestep_respacing="10")
+    model = GaussianDenoiser(create_gaussian_diffusion(steps=1000).alphas_cumprod, mu, s)
+    first = []
+    for name, eta in (("dpm++2m-sde", 0.0), ("ddim", 1.0)):
+        torch.manual_seed(5)
+        loop = samplers.sample_loop_progressive(diffusion, model, SHAPE, sampler=name, eta=eta, noise=x_T)
+        first.append(next(loop)["sample"])
+    torch.testing.assert_close(first[0], first[1], atol=ATOL, rtol=0)
+    torch.manual_seed(6)
+    assert (
+        first[0]
+        - next(samplers.sample_loop_progressive(diffusion, model, SHAPE, sampler="dpm++2m-sde", noise=x_T))["sample"]
+    ).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_the_sde_solver_samples_gaussian_data_more_exactly_than_first_order(schedule):
+    """
+    For data N(mu, s^2) and the ideal denoiser, the worst error of the samples' mean and standard
+    deviation (relative to s; 200,000 samples, Monte Carlo error ~0.2 %) falls with the number of
+    steps, and the second-order SDE solver's is below the first-order SDE step's (DDIM eta = 1, i.e.
+    ancestral with the posterior variance), by more than 2x at 40 steps.
+    """
+    mu = torch.tensor([0.3, -0.2], dtype=torch.float64).view(2, 1, 1)
+    s = torch.tensor([0.2, 0.5], dtype=torch.float64).view(2, 1, 1)
+    model = GaussianDenoiser(create_gaussian_diffusion(steps=1000, noise_schedule=schedule).alphas_cumprod, mu, s)
+    errors = {}
+    for name, eta in (("dpm++2m-sde", 0.0), ("ddim", 1.0)):
+        for steps in (10, 20, 40):
+            diffusion = create_gaussian_diffusion(steps=1000, noise_schedule=schedule, timestep_respacing=str(steps))
+            torch.manual_seed(0)
+            out = samplers.sample_loop(diffusion, model, (200_000, 2, 1, 1), sampler=name, eta=eta, clip_denoised=False)
+            mean_error = ((out.double().mean(0) - mu).abs() / s).max().item()
+            std_error = (out.double().std(0) / s - 1).abs().max().item()
+            errors[name, steps] = max(mean_error, std_error)
+    for name in ("dpm++2m-sde", "ddim"):
+        assert errors[name, 10] > errors[name, 20] > errors[name, 40], errors
+    assert all(errors["dpm++2m-sde", n] < errors["ddim", n] for n in (10, 20, 40)), errors
+    assert errors["dpm++2m-sde", 40] < errors["ddim", 40] / 2, errors
+
+
 def test_ancestral_and_ddim_are_the_diffusions_own_loops(toy):
     mu, s, x_T = toy
     diffusion = create_gaussian_diffusion(steps=100, timestep_respacing="10", learn_sigma=True)
@@ -145,7 +191,7 @@ def test_ancestral_and_ddim_are_the_diffusions_own_loops(toy):
     torch.testing.assert_close(ours, diffusion.ddim_sample_loop(model, SHAPE, noise=x_T, eta=0.5), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("sampler", ["dpm++2m", "heun"])
+@pytest.mark.parametrize("sampler", ["dpm++2m", "dpm++2m-sde", "heun"])
 def test_classifier_guidance_enters_in_score_form_with_the_models_timesteps(toy, sampler):
     """cond_fn sees the original (rescaled) timesteps the model sees; one dpm++2m step is DDIM's guided step."""
     mu, s, x_T = toy
@@ -186,7 +232,9 @@ def test_sampler_names_and_the_use_ddim_synonym():
     assert samplers.resolve_sampler("ancestral", use_ddim=True) == "ddim"
     assert samplers.resolve_sampler("ddim", use_ddim=True) == "ddim"
     assert [samplers.resolve_sampler(name) for name in samplers.SAMPLERS] == list(samplers.SAMPLERS)
-    with pytest.raises(UserError, match=r"^--sampler 'euler': expected one of ancestral, ddim, dpm\+\+2m, heun$"):
+    with pytest.raises(
+        UserError, match=r"^--sampler 'euler': expected one of ancestral, ddim, dpm\+\+2m, dpm\+\+2m-sde, heun$"
+    ):
         samplers.resolve_sampler("euler")
     with pytest.raises(UserError, match=r"--use_ddim True contradicts --sampler heun"):
         samplers.resolve_sampler("heun", use_ddim=True)

@@ -500,7 +500,9 @@ def cfg_ckpt(tmp_path_factory):
     return _save_checkpoint(folder, model_and_diffusion_defaults, create_model_and_diffusion, **flags)
 
 
-@pytest.mark.parametrize("sampler, respacing, nfe", [("dpm++2m", "5", 5), ("heun", "5", 9), ("ancestral", "3", 3)])
+@pytest.mark.parametrize(
+    "sampler, respacing, nfe", [("dpm++2m", "5", 5), ("dpm++2m-sde", "4", 4), ("heun", "5", 9), ("ancestral", "3", 3)]
+)
 def test_samplers_log_and_save_their_network_evaluations(ckpt, tmp_path, sampler, respacing, nfe):
     arrays = _sample(ckpt, tmp_path, "--sampler", sampler, "--timestep_respacing", respacing, "--num_samples", 2)
     assert arrays["arr_0"].shape == (2, 16, 16, 3)
@@ -508,6 +510,14 @@ def test_samplers_log_and_save_their_network_evaluations(ckpt, tmp_path, sampler
     assert (saved["sampler"], saved["nfe"], saved["timestep_respacing"]) == (sampler, nfe, respacing)
     log = (tmp_path / "log.txt").read_text()
     assert f"sampler {sampler}: {respacing} steps, {nfe} network evaluations per sample (NFE)" in log
+
+
+def test_the_sde_solver_repeats_for_the_same_seed_and_batch_size(ckpt, tmp_path):
+    flags = ["--sampler", "dpm++2m-sde", "--timestep_respacing", "3", "--num_samples", 3, "--batch_size", 2]
+    first = _sample(ckpt, tmp_path / "a", *flags)["arr_0"]
+    np.testing.assert_array_equal(_sample(ckpt, tmp_path / "b", *flags)["arr_0"], first)
+    other = _sample(ckpt, tmp_path / "c", *flags, "--seed", 1)["arr_0"]
+    assert np.abs(other.astype(int) - first.astype(int)).max() > 10
 
 
 def test_use_ddim_is_a_synonym_of_sampler_ddim(ckpt, tmp_path):
@@ -528,7 +538,7 @@ def test_samples_in_the_checkpoint_folder_keep_its_args_json(ckpt, tmp_path):
 
 
 def test_guided_sampling_with_every_ode_solver(cfg_ckpt, tmp_path):
-    for sampler in ("dpm++2m", "heun"):
+    for sampler in ("dpm++2m", "dpm++2m-sde", "heun"):
         flags = ["--sampler", sampler, "--timestep_respacing", "3", "--guidance_scale", 2.5, "--num_samples", 3]
         arrays = _sample(cfg_ckpt, tmp_path / sampler, *flags, "--class_labels", "9,0")
         np.testing.assert_array_equal(arrays["arr_1"], [9, 0, 9])
@@ -551,7 +561,11 @@ def test_super_res_sample_with_heun(sr_ckpt, tmp_path):
 @pytest.mark.parametrize(
     "which, extra, message",
     [
-        ("ckpt", ["--sampler", "euler"], r"--sampler 'euler': expected one of ancestral, ddim, dpm\+\+2m, heun$"),
+        (
+            "ckpt",
+            ["--sampler", "euler"],
+            r"--sampler 'euler': expected one of ancestral, ddim, dpm\+\+2m, dpm\+\+2m-sde, heun$",
+        ),
         ("ckpt", ["--sampler", "heun", "--timestep_respacing", "1"], r"--sampler heun needs at least 2 steps"),
         ("ckpt", ["--timestep_respacing", "-5"], r"--timestep_respacing '-5': counts must be positive integers"),
         ("ckpt", ["--timestep_respacing", "ddim-5"], r"--timestep_respacing 'ddim-5': no integer stride"),
