@@ -190,10 +190,9 @@ def dpm_solver_2m_update(
     pred_xstart = denoise(x, j)
     if sigma[t] == 0.0:
         return {"sample": pred_xstart, "pred_xstart": pred_xstart}
-    h = _log_snr(levels, t) - _log_snr(levels, s)
+    h, r = _step_and_ratio(levels, j, previous_xstart)
     derivative = pred_xstart
-    if previous_xstart is not None and t > 1:  # not into step 0 (position 1)
-        r = (_log_snr(levels, s) - _log_snr(levels, s + 1)) / h
+    if r is not None:
         derivative = (1 + 1 / (2 * r)) * pred_xstart - (1 / (2 * r)) * previous_xstart
     sample = (sigma[t] / sigma[s]) * x - (alpha[t] * math.expm1(-h)) * derivative
     return {"sample": sample, "pred_xstart": pred_xstart}
@@ -231,11 +230,10 @@ def dpm_solver_2m_sde_update(
     pred_xstart = denoise(x, j)
     if sigma[t] == 0.0:
         return {"sample": pred_xstart, "pred_xstart": pred_xstart}
-    h = _log_snr(levels, t) - _log_snr(levels, s)
+    h, r = _step_and_ratio(levels, j, previous_xstart)
     fresh = -math.expm1(-2.0 * h)  # 1 - e^{-2h}: the share of new noise in x_{j-1}'s variance
     sample = (sigma[t] / sigma[s] * math.exp(-h)) * x + (alpha[t] * fresh) * pred_xstart
-    if previous_xstart is not None and t > 1:  # not into step 0 (position 1)
-        r = (_log_snr(levels, s) - _log_snr(levels, s + 1)) / h
+    if r is not None:
         sample = sample + (alpha[t] * (h - fresh / 2) / (r * h)) * (pred_xstart - previous_xstart)
     sample = sample + (sigma[t] * math.sqrt(fresh)) * torch.randn_like(x)
     return {"sample": sample, "pred_xstart": pred_xstart}
@@ -286,6 +284,21 @@ def _angle_slope(levels: NoiseLevels, position: int, x: torch.Tensor, pred_xstar
     """dx/dt = (cos(t) x - x_0) / sin(t) [EDM Eq. 4 with sigma(t) = tan t, s(t) = cos t] at a noisy position."""
     alpha, sigma = levels
     return (alpha[position] * x - pred_xstart) / sigma[position]
+
+
+def _step_and_ratio(
+    levels: NoiseLevels, j: int, previous_xstart: Optional[torch.Tensor]
+) -> Tuple[float, Optional[float]]:
+    """
+    The multistep solvers' step from step j to step j - 1 in lambda, h = lambda_{j-1} - lambda_j,
+    and the ratio r = h_prev / h of the previous step to it, or None where the step stays first
+    order: without history, and into step 0 (position 1 of :func:`noise_levels`).
+    """
+    s, t = j + 1, j
+    h = _log_snr(levels, t) - _log_snr(levels, s)
+    if previous_xstart is None or t <= 1:
+        return h, None
+    return h, (_log_snr(levels, s) - _log_snr(levels, s + 1)) / h
 
 
 def _log_snr(levels: NoiseLevels, position: int) -> float:
