@@ -277,6 +277,18 @@ CLASSIFIER = FlagGroup(
         Flag("classifier_use_scale_shift_norm", True, "FiLM time conditioning"),
         Flag("classifier_resblock_updown", True, "down/upsample inside residual blocks"),
         Flag("classifier_pool", "attention", "the head", choices=("adaptive", "attention", "spatial", "spatial_v2")),
+        Flag(
+            "classifier_num_classes",
+            1000,
+            "logits: the classes it tells apart (at least the class names of its training data; guided: 1000)",
+            new=True,
+        ),
+        Flag(
+            "classifier_image_channels",
+            3,
+            "channels of the images it classifies: 1 grey ... 3 RGB, 4 RGBA (the guided model's --image_channels)",
+            new=True,
+        ),
     ),
 )
 

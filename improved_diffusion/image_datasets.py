@@ -147,9 +147,9 @@ def _list_recursively(bf: Any, folder: str) -> List[str]:
     return found
 
 
-def class_labels(paths: Sequence[str]) -> List[int]:
+def class_names(paths: Sequence[str]) -> List[str]:
     """
-    Class index of each file: its name before the first ``_``, sorted names numbered from 0.
+    The class name of each file: its name before the first ``_``.
 
     :raises UserError: if a file name has no ``_``.
     """
@@ -159,24 +159,49 @@ def class_labels(paths: Sequence[str]) -> List[int]:
         if "_" not in base:
             raise UserError(f"--class_cond needs file names like <class>_<anything>.png, but {path} has no '_'")
         names.append(base.split("_")[0])
+    return names
+
+
+def class_labels(paths: Sequence[str]) -> List[int]:
+    """
+    Class index of each file: its name before the first ``_`` (:func:`class_names`), sorted
+    names numbered from 0.
+
+    :raises UserError: if a file name has no ``_``.
+    """
+    names = class_names(paths)
     index = {name: i for i, name in enumerate(sorted(set(names)))}
     return [index[name] for name in names]
 
 
-def check_class_count(data_dir: str, paths: Sequence[str], num_classes: int) -> None:
-    """A UserError when the file names of ``data_dir`` hold more classes than ``--num_classes``."""
+def check_class_count(data_dir: str, paths: Sequence[str], num_classes: int, flag: str = "num_classes") -> None:
+    """A UserError when the file names of ``data_dir`` hold more classes than ``--num_classes`` (or ``--flag``)."""
     found = max(class_labels(paths), default=-1) + 1
     if found > num_classes:
         raise UserError(
-            f"--data_dir {data_dir} has {found} classes (file-name prefixes), more than --num_classes "
-            f"{num_classes}: pass --num_classes {found}"
+            f"--data_dir {data_dir} has {found} classes (file-name prefixes), more than --{flag} "
+            f"{num_classes}: pass --{flag} {found}"
         )
 
 
-def image_mode(image_channels: int) -> str:
-    """The PIL mode of ``--image_channels``: 1 "L", 2 "LA", 3 "RGB", 4 "RGBA"."""
+def check_same_classes(data_dir: str, paths: Sequence[str], other_dir: str, other_paths: Sequence[str]) -> None:
+    """
+    A UserError when the folder ``other_dir`` (validation images) has other class names than
+    ``data_dir``: labels number the sorted names of each folder, so they would not match.
+    """
+    names, others = sorted(set(class_names(paths))), sorted(set(class_names(other_paths)))
+    if names != others:
+        missing, extra = sorted(set(names) - set(others)), sorted(set(others) - set(names))
+        raise UserError(
+            f"--val_data_dir {other_dir}: its classes differ from --data_dir {data_dir}'s "
+            f"(missing {missing[:5]}, extra {extra[:5]}), so its labels would number other classes"
+        )
+
+
+def image_mode(image_channels: int, flag: str = "image_channels") -> str:
+    """The PIL mode of ``--image_channels`` (or ``--flag``): 1 "L", 2 "LA", 3 "RGB", 4 "RGBA"."""
     if image_channels not in IMAGE_MODES:
-        raise UserError(f"--image_channels {image_channels}: expected 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA)")
+        raise UserError(f"--{flag} {image_channels}: expected 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA)")
     return IMAGE_MODES[image_channels]
 
 

@@ -315,25 +315,34 @@ def create_classifier(
     classifier_use_scale_shift_norm: bool,
     classifier_resblock_updown: bool,
     classifier_pool: str,
-    num_classes: int = NUM_CLASSES,
+    classifier_num_classes: int = NUM_CLASSES,
+    classifier_image_channels: int = 3,
     classifier_channel_mult: str = "",
     speed: Optional[SpeedSettings] = None,
 ) -> EncoderUNetModel:
     """
     Build the noised classifier [ADM §4] from the classifier flags, as guided-diffusion's
-    factory does: heads of 64 channels, multipliers from the image-size table, 1000 classes.
+    factory does: heads of 64 channels, multipliers from the image-size table, 1000 classes
+    and RGB images by default.
 
-    :param num_classes: logits per image (ours: guided fixes 1000).
+    :param classifier_num_classes: logits per image (ours: guided fixes 1000).
+    :param classifier_image_channels: channels of its input images (ours: guided fixes 3).
     :param classifier_channel_mult: multipliers instead of the table (ours), e.g. ``"1,2,2"``.
     :param speed: the network's speed settings (ours; default as for :func:`create_model`).
     """
     check_choice("classifier_pool", classifier_pool, CLASSIFIER_POOLS)
-    _check_positive(image_size=image_size, classifier_width=classifier_width, classifier_depth=classifier_depth)
+    _check_positive(
+        image_size=image_size,
+        classifier_width=classifier_width,
+        classifier_depth=classifier_depth,
+        classifier_num_classes=classifier_num_classes,
+    )
+    image_mode(classifier_image_channels, flag="classifier_image_channels")
     return EncoderUNetModel(
         image_size=image_size,
-        in_channels=3,
+        in_channels=classifier_image_channels,
         model_channels=classifier_width,
-        out_channels=num_classes,
+        out_channels=classifier_num_classes,
         num_res_blocks=classifier_depth,
         attention_resolutions=attention_downsample_factors(
             classifier_attention_resolutions, image_size, flag="classifier_attention_resolutions"
@@ -366,6 +375,8 @@ def create_classifier_and_diffusion(
     rescale_timesteps: bool,
     rescale_learned_sigmas: bool,
     sigma_small: bool = False,
+    classifier_num_classes: int = NUM_CLASSES,
+    classifier_image_channels: int = 3,
     speed: Optional[SpeedSettings] = None,
 ) -> Tuple[EncoderUNetModel, SpacedDiffusion]:
     """Build the noised classifier and the diffusion whose x_t it classifies (guided-diffusion's factory)."""
@@ -380,6 +391,8 @@ def create_classifier_and_diffusion(
         classifier_use_scale_shift_norm,
         classifier_resblock_updown,
         classifier_pool,
+        classifier_num_classes,
+        classifier_image_channels,
         speed=speed,
     )
     return classifier, diffusion

@@ -17,7 +17,14 @@ from . import dist_util, logger
 from .classifier_train_util import ClassifierTrainLoop, check_classifier_train_settings
 from .errors import UserError
 from .flags import training_defaults  # noqa: F401  (importable from here, as before)
-from .image_datasets import check_class_count, check_enough_images, list_image_files, load_data, load_superres_data
+from .image_datasets import (
+    check_class_count,
+    check_enough_images,
+    check_same_classes,
+    list_image_files,
+    load_data,
+    load_superres_data,
+)
 from .precision import check_precision_flags, set_cuda_math
 from .resample import SCHEDULE_SAMPLERS, create_named_schedule_sampler
 from .script_util import (
@@ -98,6 +105,7 @@ def classifier_train_loop(
             random_flip=args.random_flip,
             num_workers=args.num_workers,
             seed=args.seed,
+            image_channels=args.classifier_image_channels,
         )
     return ClassifierTrainLoop(
         model=model,
@@ -157,8 +165,13 @@ def run_training(
     # Before any process group exists, so that every rank stops alike and rank 0 reports once.
     files = list_image_files(args.data_dir)
     check_enough_images(args.data_dir, len(files), dist_util.detect_launch().world_size)
-    if getattr(args, "class_cond", False):  # the diffusion trainers' label table (the classifier has none)
+    if getattr(args, "class_cond", False):  # the diffusion trainers' label table
         check_class_count(args.data_dir, files, args.num_classes)
+    if hasattr(args, "classifier_num_classes"):  # the classifier's logits
+        check_class_count(args.data_dir, files, args.classifier_num_classes, flag="classifier_num_classes")
+        if args.val_data_dir:
+            val_files = list_image_files(args.val_data_dir, flag="val_data_dir")
+            check_same_classes(args.data_dir, files, args.val_data_dir, val_files)
     seed_everything(args.seed)  # the same initial weights on every rank
     cuda_math = set_cuda_math(args.deterministic)  # before CUDA starts: cuBLAS reads its workspace setting once
     model, diffusion = build()
@@ -214,7 +227,12 @@ def super_res_data(args: argparse.Namespace) -> Iterator:
 
 def classifier_data(args: argparse.Namespace) -> Iterator:
     """``classifier_train.py``'s data: labelled ``--image_size`` images (classes from file names)."""
-    return load_data(image_size=args.image_size, class_cond=True, **_loader_kwargs(args))
+    return load_data(
+        image_size=args.image_size,
+        class_cond=True,
+        image_channels=args.classifier_image_channels,
+        **_loader_kwargs(args),
+    )
 
 
 def _build(
@@ -233,8 +251,6 @@ def _build(
 def _build_classifier(args: argparse.Namespace) -> Tuple[torch.nn.Module, Any]:
     """The classifier and its diffusion; its own flags and the validation folder are checked first."""
     check_classifier_train_settings(args.iterations, args.eval_interval)
-    if args.val_data_dir:
-        list_image_files(args.val_data_dir, flag="val_data_dir")
     return _build(create_classifier_and_diffusion, classifier_and_diffusion_defaults)(args)
 
 

@@ -38,7 +38,6 @@ from improved_diffusion.sample_util import (
     validate_sampling_args,
 )
 from improved_diffusion.script_util import (
-    NUM_CLASSES,
     args_to_dict,
     classifier_defaults,
     create_classifier,
@@ -66,8 +65,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # Every flag is checked, and both networks built, before a log folder or process group exists.
     validate_sampling_args(args)
     validate_guidance_args(args, load_args_json(args.classifier_path) or {})
-    # The classifier is conditional (NUM_CLASSES logits); a class-conditional model takes the labels too.
-    num_classes = min(args.num_classes, NUM_CLASSES) if args.class_cond else NUM_CLASSES
+    # Labels the classifier knows (its logits); a class-conditional model takes them too.
+    num_classes = min(args.num_classes, args.classifier_num_classes) if args.class_cond else args.classifier_num_classes
     class_labels = parse_class_labels(args.class_labels, class_cond=True, num_classes=num_classes)
     model, diffusion = build_model_and_diffusion(args, MODEL_KEYS, create_model_and_diffusion)
     check_sampler_flags(args, diffusion, model)
@@ -105,17 +104,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 def validate_guidance_args(args: argparse.Namespace, classifier_args: Dict[str, Any]) -> None:
     """
-    A one-line UserError for a missing ``--classifier_path``, a model of other than 3 channels,
-    or a classifier trained (by its ``args.json``) at another image size or on another diffusion
-    than the model samples.
+    A one-line UserError for a missing ``--classifier_path``, a classifier of other image channels
+    than the model's, or one trained (by its ``args.json``) at another image size or on another
+    diffusion than the model samples.
     """
     if not args.classifier_path:
         raise UserError(
             "--classifier_path is required: the noised classifier (.pt) to guide with, "
             "e.g. --classifier_path logs/model150000.pt (unguided sampling: image_sample.py)"
         )
-    if args.image_channels != 3:
-        raise UserError(f"--image_channels {args.image_channels}: the noised classifier takes RGB images (3 channels)")
+    if args.image_channels != args.classifier_image_channels:
+        raise UserError(
+            f"--image_channels {args.image_channels}: the classifier classifies images of "
+            f"--classifier_image_channels {args.classifier_image_channels}; guidance needs the model's channels"
+        )
     for name in SHARED_WITH_CLASSIFIER:
         if name in classifier_args and classifier_args[name] != getattr(args, name):
             raise UserError(

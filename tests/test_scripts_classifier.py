@@ -180,6 +180,75 @@ def test_classifier_sample_takes_every_sampler(tiny_pair, scripts, tmp_path, cap
     assert code == 2 and err.count("\n") == 1 and re.match(r"error: --guidance_scale 2.0: classifier-free", err), err
 
 
+def _write_greys(root, n: int, names=("dark", "light")) -> str:
+    """``n`` grey 16x16 images, alternately of each class in ``names`` (brightness 40 + 170 i / (k - 1))."""
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        level = 40 + 170 * (i % len(names)) / (len(names) - 1)
+        pixels = np.clip(level + rng.normal(0, 20, (16, 16)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(os.path.join(root, f"{names[i % len(names)]}_{i}.png"))
+    return str(root)
+
+
+def test_a_grey_classifier_of_the_datas_classes_guides_a_grey_model(isolated, scripts, tmp_path, capsys):
+    """
+    ``--classifier_num_classes 2 --classifier_image_channels 1``: two logits on grey images, saved
+    in args.json, read back by classifier_sample.py, whose random labels then come from those two
+    classes only (with 1000 logits they would come from 0..999, classes the classifier never saw).
+    """
+    data = _write_greys(tmp_path / "greys", 8)
+    model_dir, clf_dir = str(tmp_path / "model"), str(tmp_path / "clf")
+    argv = ["--data_dir", data, "--log_dir", model_dir, *DIFFUSION, *UNET, "--max_steps", "1", "--batch_size", "2"]
+    assert run_script(scripts["image_train"], [*argv, "--image_channels", "1"])[0] == 0
+    grey = ["--classifier_num_classes", "2", "--classifier_image_channels", "1", "--max_steps", "1"]
+    assert _train_classifier(scripts["classifier_train"], data, clf_dir, *grey)[0] == 0
+    saved = json.load(open(os.path.join(clf_dir, "args.json")))
+    assert (saved["classifier_num_classes"], saved["classifier_image_channels"]) == (2, 1)
+    classifier = script_util.create_classifier(**{k: saved[k] for k in script_util.classifier_defaults()})
+    classifier.load_state_dict(fileio.safe_torch_load(os.path.join(clf_dir, "model000001.pt")), strict=True)
+    logits = classifier(torch.zeros(3, 1, 16, 16), torch.zeros(3, dtype=torch.long))
+    assert logits.shape == (3, 2)
+
+    model_path, clf_path = os.path.join(model_dir, "model000001.pt"), os.path.join(clf_dir, "model000001.pt")
+    out = str(tmp_path / "out")
+    assert _sample(scripts["classifier_sample"], model_path, clf_path, out, "--num_samples", "8")[0] == 0
+    archive = np.load(os.path.join(out, "samples_8x16x16x1.npz"))
+    assert set(archive["arr_1"].tolist()) <= {0, 1} and len(set(archive["arr_1"].tolist())) == 2
+
+    capsys.readouterr()
+    rgb_clf = str(tmp_path / "rgb_clf")
+    assert _train_classifier(scripts["classifier_train"], data, rgb_clf, "--max_steps", "1")[0] == 0
+    code, err = _sample(
+        scripts["classifier_sample"], model_path, os.path.join(rgb_clf, "model000001.pt"), out, capsys=capsys
+    )
+    message = r"error: --image_channels 1: the classifier classifies images of --classifier_image_channels 3"
+    assert code == 2 and err.count("\n") == 1 and re.match(message, err), err
+
+
+def test_classifier_data_with_more_classes_or_other_validation_classes_is_an_error(isolated, scripts, tmp_path, capsys):
+    data = _write_greys(tmp_path / "three", 6, names=("a", "b", "c"))
+    log_dir = tmp_path / "clf"
+    cases = [
+        (
+            ["--classifier_num_classes", "2"],
+            r"error: --data_dir \S+three has 3 classes \(file-name prefixes\), more than --classifier_num_classes 2: "
+            r"pass --classifier_num_classes 3$",
+        ),
+        (
+            ["--val_data_dir", _write_greys(tmp_path / "two", 4, names=("a", "c"))],
+            r"error: --val_data_dir \S+two: its classes differ from --data_dir \S+three's "
+            r"\(missing \['b'\], extra \[\]\)",
+        ),
+        (["--classifier_image_channels", "5"], r"error: --classifier_image_channels 5: expected 1 \(grey\)"),
+    ]
+    for argv, message in cases:
+        capsys.readouterr()
+        code, err = _train_classifier(scripts["classifier_train"], data, str(log_dir), *argv, capsys=capsys)
+        assert code == 2 and err.count("\n") == 1 and re.match(message, err), (argv, err)
+        assert not log_dir.exists()
+
+
 @pytest.mark.slow
 def test_guidance_steers_samples_to_the_requested_class(isolated, scripts, tmp_path, capsys):
     """
