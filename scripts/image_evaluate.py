@@ -3,7 +3,7 @@ Score samples against reference images: Inception Score, FID, sFID, precision, r
 in one table, also written as JSON beside the samples.
 
     python scripts/image_evaluate.py REF SAMPLES --inception_weights weights-inception-2015-12-05-6726825d.pth
-    python scripts/image_evaluate.py data/mnist samples_100x20x20x3.npz --features digits
+    python scripts/image_evaluate.py data/mnist demo_out/samples/samples_100x20x20x1.npz --features digits
 
 REF and SAMPLES are each an ``.npz`` of uint8 NHWC images in ``arr_0`` (what ``image_sample.py``
 writes; labels in ``arr_1``), a folder of images, or a statistics file written by an earlier run
