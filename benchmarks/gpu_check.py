@@ -13,9 +13,10 @@ H100-class GPU, it
    model FLOP utilisation (FLOPs of one step from ``torch.utils.flop_counter`` / its time / the
    GPU's peak dense bf16 rate, :data:`PEAK_BF16_TFLOPS`); plus the peak memory of batch 32
    with gradient checkpointing in bf16;
-3. times one sampling step and a 50-step ancestral loop at batch 64 (and any DPM-Solver loop
-   the diffusion has, found at run time);
-4. writes ``gpu_check.json`` and ``gpu_check.md`` (a header with machine, versions and the TF32
+3. times one sampling step and 50-step loops at batch 64 with the samplers of
+   :data:`SAMPLE_LOOPS` (ancestral, DPM-Solver++(2M) and its SDE form, from
+   :mod:`improved_diffusion.samplers`), in float32 and bf16 autocast;
+4. writes ``gpu_check.json`` and ``gpu_check.md`` atomically (a header with machine, versions and the TF32
    setting, then tables) into the output folder.
 
 It exits 1 if a test fails, a variant fails, or a mixed-precision loss is not finite. Without
@@ -43,8 +44,9 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from improved_diffusion import logger
+from improved_diffusion import logger, samplers
 from improved_diffusion.errors import UserError, run_main
+from improved_diffusion.fileio import atomic_write
 from improved_diffusion.precision import MixedPrecision, ModelCall, native_bf16, set_cuda_math
 from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from improved_diffusion.train_setup import compile_model
@@ -75,6 +77,7 @@ VARIANTS = {
     "bf16_compile": (dict(use_bf16=True), True),
 }
 MIXED = ("fp16", "bf16", "bf16_compile")
+SAMPLE_LOOPS = (samplers.ANCESTRAL, samplers.DPM_SOLVER_2M, samplers.DPM_SOLVER_2M_SDE)
 CHECKPOINT_TARGET_GB = 16.0
 
 
@@ -306,15 +309,6 @@ def _under(entry: Dict[str, Any]) -> Optional[bool]:
 # sampling
 
 
-def sample_loops(diffusion: Any) -> Dict[str, str]:
-    """The sampling loops to time: ancestral, and any DPM-Solver loop the diffusion has."""
-    loops = {"ancestral": "p_sample_loop"}
-    for name in dir(diffusion):
-        if "dpm" in name.lower() and name.endswith("sample_loop"):
-            loops[name] = name
-    return loops
-
-
 def bench_sampling(device: torch.device, args: argparse.Namespace, report: Dict[str, Any]) -> None:
     config = QUICK_CONFIG if args.quick else CONFIG
     model, diffusion = _build(config, timestep_respacing=str(args.sample_steps))
@@ -331,13 +325,15 @@ def bench_sampling(device: torch.device, args: argparse.Namespace, report: Dict[
             for _ in range(2):
                 diffusion.p_sample(call, x, t)
             entry["step_s"] = round(_timed(lambda: diffusion.p_sample(call, x, t), device, 5), 5)
-            for label, method in sample_loops(diffusion).items():
-                loop = getattr(diffusion, method)
-                seconds = _timed(lambda: loop(call, shape, noise=x, device=device), device, 1)
-                entry[f"{label}_{args.sample_steps}_steps_s"] = round(seconds, 4)
+            for sampler in SAMPLE_LOOPS:
+
+                def loop(sampler: str = sampler) -> None:
+                    samplers.sample_loop(diffusion, call, shape, sampler=sampler, noise=x, device=device)
+
+                entry[f"{sampler}_{args.sample_steps}_steps_s"] = round(_timed(loop, device, 1), 4)
         sample[precision_name] = entry
         _log_progress(f"sample {precision_name}", entry)
-    report["sample_loops_found"] = list(sample_loops(diffusion))
+    report["sample_loops"] = list(SAMPLE_LOOPS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,10 +453,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report["failures"] = failures(report)
     report["wall_s"] = round(time.perf_counter() - started, 1)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
-        f.write(markdown(report))
+    for name, text in (
+        ("gpu_check.json", json.dumps(report, indent=1, default=str)),
+        ("gpu_check.md", markdown(report)),
+    ):
+        atomic_write(os.path.join(args.out, name), lambda f, text=text: f.write(text.encode("utf-8")))
     print(markdown(report), flush=True)
     return 1 if report["failures"] else 0
 
