@@ -507,23 +507,25 @@ def set_sampler_state(sampler: Any, state: Dict[str, Any]) -> None:
         setattr(sampler, key, value.numpy().astype(dtype) if dtype is not None else value.numpy())
 
 
-def _rank_state(sampler: Any, data: Any) -> Dict[str, Any]:
-    """This rank's generators, sampler history and data position."""
+def _rank_state(sampler: Any, data: Any, val_data: Any = None) -> Dict[str, Any]:
+    """This rank's generators, sampler history and data positions (training and validation)."""
     return {
         "rng": get_rng_state(),
         "sampler": get_sampler_state(sampler) if sampler is not None else {},
         "data": data.state_dict() if hasattr(data, "state_dict") else None,
+        "val_data": val_data.state_dict() if hasattr(val_data, "state_dict") else None,
     }
 
 
-def _restore_rank_state(mine: Dict[str, Any], sampler: Any, data: Any) -> None:
+def _restore_rank_state(mine: Dict[str, Any], sampler: Any, data: Any, val_data: Any = None) -> None:
     set_rng_state(mine["rng"])
     if sampler is not None:
         set_sampler_state(sampler, mine.get("sampler", {}))
-    if hasattr(data, "load_state_dict") and mine.get("data") is not None:
-        data.load_state_dict(mine["data"])
-    elif mine.get("data") is not None:
-        logger.log("resume: the data iterator has no load_state_dict; data order starts afresh")
+    for key, loader in (("data", data), ("val_data", val_data)):
+        if hasattr(loader, "load_state_dict") and mine.get(key) is not None:
+            loader.load_state_dict(mine[key])
+        elif mine.get(key) is not None:
+            logger.log(f"resume: the {key} iterator has no load_state_dict; its order starts afresh")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,6 +546,7 @@ class TrainingState:
     ema_params: Sequence[Sequence[torch.Tensor]] = ()
     sampler: Any = None
     data: Any = None
+    val_data: Any = None
 
     def ema_state_dict(self, index: int) -> Dict[str, torch.Tensor]:
         """The model's state_dict with the EMA weights of ``ema_rates[index]`` in place."""
@@ -567,7 +570,7 @@ def save(folder: str, step: int, training: TrainingState, extra: Optional[Dict[s
         "step": step,
         "ema_rate": [float(r) for r in training.ema_rates],
         **(extra or {}),
-        "ranks": dist_util.gather_objects(_rank_state(training.sampler, training.data)),
+        "ranks": dist_util.gather_objects(_rank_state(training.sampler, training.data, training.val_data)),
     }
     files = checkpoint_files(folder, step, training.ema_rates)
     error = dist_util.decided_by_rank0(lambda: _write_checkpoint(files, training, state))
@@ -631,7 +634,7 @@ def resume(resume_checkpoint: str, folder: str, training: TrainingState) -> Tupl
             "random generators and data order start afresh"
         )
     else:
-        _restore_rank_state(ranks[dist_util.get_rank()], training.sampler, training.data)
+        _restore_rank_state(ranks[dist_util.get_rank()], training.sampler, training.data, training.val_data)
     return step, state
 
 

@@ -87,7 +87,7 @@ class ClassifierTrainLoop(TrainerBase):
         **kwargs: Any,
     ):
         check_classifier_train_settings(iterations, eval_interval, max_steps)
-        self.diffusion, self.val_data = diffusion, val_data
+        self.diffusion = diffusion
         self.noised, self.iterations, self.eval_interval = noised, iterations, eval_interval
         self.max_steps = max_steps
         super().__init__(
@@ -97,6 +97,7 @@ class ClassifierTrainLoop(TrainerBase):
             ema_rate=ema_rate,
             schedule_sampler=schedule_sampler or UniformSampler(diffusion),
             lr_anneal_steps=iterations if anneal_lr else 0,
+            val_data=val_data,
             **kwargs,
         )
         # Validation runs the plain model (no DDP: nothing to synchronise without gradients).

@@ -62,6 +62,7 @@ class TrainerBase:
     :meth:`after_step`. Parameters as in :class:`TrainLoop`, plus:
 
     :param num_timesteps: T of the diffusion, for the quartiles of t in the log.
+    :param val_data: validation batches a subclass draws from (its position is checkpointed), or None.
 
     A subclass names its step limits in :meth:`step_limits` (read at every step, so a caller may
     change them between runs).
@@ -90,9 +91,10 @@ class TrainerBase:
         max_nonfinite_steps: int = 5,
         channels_last: bool = False,
         handle_signals: bool = True,
+        val_data: Optional[Iterator[Tuple[torch.Tensor, Dict[str, torch.Tensor]]]] = None,
     ):
         check_train_settings(batch_size, microbatch, lr, log_interval, save_interval, lr_anneal_steps, 0)
-        self.model, self.data, self.num_timesteps = model, data, num_timesteps
+        self.model, self.data, self.val_data, self.num_timesteps = model, data, val_data, num_timesteps
         self.batch_size = batch_size
         self.microbatch = microbatch if microbatch > 0 else batch_size
         self.lr, self.weight_decay, self.lr_anneal_steps = lr, weight_decay, lr_anneal_steps
@@ -124,7 +126,7 @@ class TrainerBase:
         self.opt = make_adamw(self.params, self.lr, self.weight_decay)
         self.ema_params = [[p.detach().clone().float() for p in self.params] for _ in self.ema_rate]
         self.training = TrainingState(
-            self.model, self.opt, self.ema_rate, self.ema_params, self.schedule_sampler, self.data
+            self.model, self.opt, self.ema_rate, self.ema_params, self.schedule_sampler, self.data, self.val_data
         )
         self._resume()
         dist_util.sync_params(self.params)

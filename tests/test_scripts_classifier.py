@@ -9,6 +9,7 @@ of the samples have the requested colour (judged by the mean of the red vs the b
 ancestral and DDIM sampling.
 """
 
+import csv
 import glob
 import json
 import os
@@ -99,6 +100,25 @@ def test_classifier_train_resumes_exactly(isolated, scripts, colours, tmp_path):
         a = fileio.safe_torch_load(os.path.join(straight, name))
         b = fileio.safe_torch_load(os.path.join(split, name))
         torch.testing.assert_close(b, a, **EXACT, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_classifier_train_resumes_its_validation_batches_exactly(isolated, scripts, colours, tmp_path):
+    """With --val_data_dir the resumed run validates on the batches the straight run does (same val_ rows)."""
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    val = _write_colours(tmp_path / "val", 6, seed=1)
+    flags = ["--val_data_dir", val, "--eval_interval", "1", "--iterations", "6"]
+    module = scripts["classifier_train"]
+    assert _train_classifier(module, colours, straight, "--max_steps", "5", *flags)[0] == 0
+    assert _train_classifier(module, colours, split, "--max_steps", "3", *flags)[0] == 0
+    assert _train_classifier(module, colours, split, "--max_steps", "5", "--resume_checkpoint", "auto", *flags)[0] == 0
+
+    def val_rows(folder):
+        with open(os.path.join(folder, "progress.csv")) as f:
+            rows = list(csv.DictReader(f))
+        return [(row["step"], row["val_loss"]) for row in rows if row.get("val_loss")][-2:]
+
+    rows = val_rows(straight)
+    assert [step for step, _ in rows] == ["4", "5"] and val_rows(split) == rows
 
 
 def test_classifier_train_stops_at_iterations(isolated, scripts, colours, tmp_path):
