@@ -1,7 +1,7 @@
 """
 The one table of command-line flags: every flag of every script with its default, one line of
 help and, for closed choices, the allowed values, in the groups MODEL, DIFFUSION, CLASSIFIER,
-TRAIN, CLASSIFIER_TRAIN, SAMPLE, CLASSIFIER_SAMPLE, NLL and SPEED.
+TRAIN, CLASSIFIER_TRAIN, SAMPLE, CLASSIFIER_SAMPLE, NLL, EVALUATE and SPEED.
 
 Everything about flags is derived from it: the defaults dicts users know from the original
 (``model_and_diffusion_defaults()``, ``sr_model_and_diffusion_defaults()`` in
@@ -25,7 +25,10 @@ from .nn import SpeedSettings
 IMAGE_SCRIPTS = ("image_train", "image_sample", "image_nll")
 SUPER_RES_SCRIPTS = ("super_res_train", "super_res_sample")
 CLASSIFIER_SCRIPTS = ("classifier_train", "classifier_sample")
-SCRIPTS = IMAGE_SCRIPTS + SUPER_RES_SCRIPTS + CLASSIFIER_SCRIPTS
+NETWORK_SCRIPTS = IMAGE_SCRIPTS + SUPER_RES_SCRIPTS + CLASSIFIER_SCRIPTS  # the scripts that build a network
+SCRIPTS = NETWORK_SCRIPTS + ("image_evaluate",)
+# The feature networks of scripts/image_evaluate.py (--features).
+FEATURES = ("inception", "digits")
 DIFFUSION_TRAIN_SCRIPTS = ("image_train", "super_res_train")
 # The names of :data:`.samplers.SAMPLERS` (a test keeps them equal; this module sits below samplers).
 SAMPLERS = ("ancestral", "ddim", "dpm++2m", "dpm++2m-sde", "heun")
@@ -128,7 +131,7 @@ MODEL = FlagGroup(
 DIFFUSION = FlagGroup(
     "DIFFUSION",
     "the diffusion process and its loss; defaults as in the original",
-    SCRIPTS,
+    NETWORK_SCRIPTS,
     (
         Flag("learn_sigma", False, "learn the variance by range interpolation [IDDPM Eq. 15]: 6 output channels"),
         Flag(
@@ -342,6 +345,34 @@ NLL = FlagGroup(
     ),
 )
 
+EVALUATE = FlagGroup(
+    "EVALUATE",
+    "scoring samples against reference images (positional: REF SAMPLES, each .npz, folder or stats file)",
+    ("image_evaluate",),
+    (
+        Flag(
+            "features",
+            "inception",
+            "the feature network: the FID Inception-v3, or the digit classifier",
+            choices=FEATURES,
+            new=True,
+        ),
+        Flag(
+            "inception_weights", "", "weights-inception-2015-12-05-6726825d.pth (or $FID_INCEPTION_WEIGHTS)", new=True
+        ),
+        Flag("digit_classifier", "", 'digit classifier cache file ("": ~/.cache/improved-diffusion/...)', new=True),
+        Flag("save_ref_stats", "", "write the reference's statistics to this .npz", new=True),
+        Flag("out", "", 'the JSON file ("": beside SAMPLES, <stem>_eval_<features>.json)', new=True),
+        Flag("batch_size", 64, "images per feature-network batch", new=True),
+        Flag("device", "", 'cpu, cuda, cuda:1 ... ("": cuda when there is one)', new=True),
+        Flag("nearest_k", 3, "k of precision/recall's k-NN manifolds", new=True),
+        Flag("kid_subsets", 100, "KID: number of random subsets", new=True),
+        Flag("kid_subset_size", 1000, "KID: points per subset", new=True),
+        Flag("seed", 0, "seed of KID's subsets", new=True),
+        Flag("progress", True, "progress bar over feature extraction", new=True),
+    ),
+)
+
 _SPEED_HELP = {
     "sdpa": "attention through F.scaled_dot_product_attention (False: the plain formula)",
     "winograd": (
@@ -353,14 +384,14 @@ _SPEED_HELP = {
 SPEED = FlagGroup(
     "SPEED",
     "the network's speed settings: same results within float32 tolerance; sdpa and winograd False = the original's",
-    SCRIPTS,
+    NETWORK_SCRIPTS,
     tuple(
         Flag(k, v, _SPEED_HELP[k], new=True, auto=k == "winograd")
         for k, v in dataclasses.asdict(SpeedSettings()).items()
     ),
 )
 
-GROUPS = (MODEL, DIFFUSION, CLASSIFIER, TRAIN, CLASSIFIER_TRAIN, SAMPLE, CLASSIFIER_SAMPLE, NLL, SPEED)
+GROUPS = (MODEL, DIFFUSION, CLASSIFIER, TRAIN, CLASSIFIER_TRAIN, SAMPLE, CLASSIFIER_SAMPLE, NLL, EVALUATE, SPEED)
 
 
 def flags_for(script: str, groups: Iterable[FlagGroup] = GROUPS) -> List[Tuple[FlagGroup, List[Flag]]]:

@@ -460,9 +460,14 @@ class FlagParser(argparse.ArgumentParser):
     win; ``--preset list`` prints the presets and exits.
     """
 
+    def __init__(self, *args: Any, presets: bool = True, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.presets = presets
+
     def parse_known_args(self, args: Optional[Sequence[str]] = None, namespace: Any = None) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
-        argv = apply_preset_argv(argv, [action.dest for action in self._actions])
+        if self.presets:
+            argv = apply_preset_argv(argv, [action.dest for action in self._actions])
         return super().parse_known_args(argv, namespace)
 
     def error(self, message: str):  # type: ignore[override]
@@ -494,22 +499,30 @@ def speed_from_args(args: argparse.Namespace) -> SpeedSettings:
     return SpeedSettings(**settings)
 
 
-def script_parser(script: str, doc: str) -> FlagParser:
+def script_parser(script: str, doc: str, positionals: Sequence[Tuple[str, str]] = ()) -> FlagParser:
     """
     The parser of ``scripts/{script}.py``: its flag groups from :mod:`.flags` as argparse
-    argument groups, each flag with one line of help, allowed values and default.
+    argument groups, each flag with one line of help, allowed values and default; ``--preset``
+    for the scripts that build a network.
 
     :param script: e.g. ``"image_train"``.
     :param doc: the script's module docstring; its first line is the description.
+    :param positionals: ``(name, help)`` of positional arguments, in order (``image_evaluate``'s REF SAMPLES).
     """
-    parser = FlagParser(description=doc.strip().splitlines()[0], usage="%(prog)s [--preset NAME] [--FLAG VALUE ...]")
-    presets = parser.add_argument_group("PRESET", "the flags of a released checkpoint of either original")
-    presets.add_argument(
-        "--preset",
-        metavar="NAME",
-        default=argparse.SUPPRESS,
-        help="e.g. adm-imagenet64; flags given here win; --preset list prints every preset",
-    )
+    with_presets = script in flags.NETWORK_SCRIPTS
+    usage = " ".join(["%(prog)s", *(name.upper() for name, _ in positionals)])
+    usage += " [--preset NAME] [--FLAG VALUE ...]" if with_presets else " [--FLAG VALUE ...]"
+    parser = FlagParser(description=doc.strip().splitlines()[0], usage=usage, presets=with_presets)
+    for name, help_text in positionals:
+        parser.add_argument(name, help=help_text)
+    if with_presets:
+        presets = parser.add_argument_group("PRESET", "the flags of a released checkpoint of either original")
+        presets.add_argument(
+            "--preset",
+            metavar="NAME",
+            default=argparse.SUPPRESS,
+            help="e.g. adm-imagenet64; flags given here win; --preset list prints every preset",
+        )
     for group, group_flags in flags.flags_for(script):
         section = parser.add_argument_group(group.title, group.description)
         for flag in group_flags:

@@ -25,9 +25,9 @@ import torch
 from improved_diffusion import eval_features
 from improved_diffusion.errors import UserError, run_main
 from improved_diffusion.fileio import atomic_save_json
-from improved_diffusion.script_util import FlagParser, check_choice, str2bool
+from improved_diffusion.flags import FEATURES
+from improved_diffusion.script_util import check_choice, script_parser
 
-FEATURES = ("inception", "digits")
 NETWORK_INPUT = {"inception": "299x299", "digits": "28x28 grey"}
 ROWS = (  # (JSON key, label, key of its spread)
     ("inception_score", "Inception Score", "inception_score_std"),
@@ -149,26 +149,14 @@ def _print_warning(message: Warning, category: type, filename: str, lineno: int,
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    parser = FlagParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("ref", help="reference: .npz (arr_0 uint8 NHWC), image folder, or stats file")
-    parser.add_argument(
-        "samples", help="samples: .npz (arr_0 uint8 NHWC, labels in arr_1), image folder, or stats file"
+    return script_parser(
+        "image_evaluate",
+        __doc__,
+        positionals=(
+            ("ref", "reference: .npz (arr_0 uint8 NHWC), image folder, or stats file"),
+            ("samples", "samples: .npz (arr_0 uint8 NHWC, labels in arr_1), image folder, or stats file"),
+        ),
     )
-    parser.add_argument("--features", default="inception", help="inception (FID Inception-v3) or digits")
-    parser.add_argument(
-        "--inception_weights", default="", help="weights-inception-2015-12-05-6726825d.pth (or $FID_INCEPTION_WEIGHTS)"
-    )
-    parser.add_argument("--digit_classifier", default="", help="digit classifier cache file (default: ~/.cache/...)")
-    parser.add_argument("--save_ref_stats", default="", help="write the reference's statistics to this .npz")
-    parser.add_argument("--out", default="", help="JSON file (default: beside SAMPLES, <stem>_eval_<features>.json)")
-    parser.add_argument("--batch_size", type=int, default=64, help="images per feature-network batch")
-    parser.add_argument("--device", default="", help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
-    parser.add_argument("--nearest_k", type=int, default=3, help="k of precision/recall's k-NN manifolds")
-    parser.add_argument("--kid_subsets", type=int, default=100, help="KID: number of random subsets")
-    parser.add_argument("--kid_subset_size", type=int, default=1000, help="KID: points per subset")
-    parser.add_argument("--seed", type=int, default=0, help="seed of KID's subsets")
-    parser.add_argument("--progress", type=str2bool, default=True, help="progress bar over feature extraction")
-    return parser
 
 
 if __name__ == "__main__":

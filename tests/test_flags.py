@@ -36,12 +36,25 @@ def test_help_groups_every_flag_with_help_and_default(script):
     assert all("[default: " in line for line in defaults)
 
 
+POSITIONALS = {"image_evaluate": ["ref.npz", "samples.npz"]}  # the scripts' required positional arguments
+
+
 @pytest.mark.parametrize("script", flags.SCRIPTS)
 def test_parsed_defaults_are_the_table_defaults(script):
-    args = load_script(script).create_argparser().parse_args([])
+    args = load_script(script).create_argparser().parse_args(POSITIONALS.get(script, []))
     for _, group_flags in flags.flags_for(script):
         for flag in group_flags:
             assert getattr(args, flag.name) == flag.default, flag.name
+
+
+def test_only_the_network_scripts_take_presets(capsys):
+    evaluate = load_script("image_evaluate").create_argparser()
+    assert "--preset" not in evaluate.format_help()
+    assert evaluate.format_usage().endswith(" REF SAMPLES [--FLAG VALUE ...]\n")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.parse_args([*POSITIONALS["image_evaluate"], "--preset", "adm-imagenet64"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --preset adm-imagenet64" in capsys.readouterr().err
+    assert all("--preset NAME" in load_script(s).create_argparser().format_usage() for s in flags.NETWORK_SCRIPTS)
 
 
 def test_each_flag_appears_once_per_script():
