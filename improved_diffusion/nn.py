@@ -46,19 +46,29 @@ class SpeedSettings:
         is the fastest exact-enough path on every device.
     :param winograd_cache: with ``winograd="auto"``, a JSON file that keeps the measured
         decisions for later runs ("" = this process only).
+    :param winograd_native: the Winograd path's tile transforms compiled from C on first use
+        (:mod:`improved_diffusion.winograd_native`: one memory pass each; the torch-ops ones
+        where no C compiler works); False: always the torch-ops transforms. Same numbers within
+        float32 rounding.
     """
 
     sdpa: bool = True
     winograd: Union[bool, str] = AUTO
     winograd_cache: str = ""
+    winograd_native: bool = True
 
     def __post_init__(self) -> None:
         if self.winograd not in (True, False, AUTO):
             raise UserError(f"--winograd {self.winograd!r}: expected True, False or {AUTO}")
 
     def summary(self) -> str:
-        """One line for the log, e.g. ``speed settings: sdpa=True, winograd=auto``."""
-        items = {k: v for k, v in dataclasses.asdict(self).items() if v != "" or k != "winograd_cache"}
+        """One line for the log, e.g. ``speed settings: sdpa=True, winograd=auto, winograd_native=True``
+        (the other winograd settings only where Winograd is on, the cache only where set)."""
+        items = {
+            k: v
+            for k, v in dataclasses.asdict(self).items()
+            if not (k.startswith("winograd_") and (self.winograd is False or v == ""))
+        }
         return "speed settings: " + ", ".join(f"{k}={v}" for k, v in items.items())
 
 
@@ -72,7 +82,9 @@ def apply_speed(module: nn.Module, speed: SpeedSettings) -> Optional[winograd.Pa
 
     :return: that chooser, or None.
     """
-    chooser = winograd.PathChooser(speed.winograd_cache) if speed.winograd == AUTO else None
+    chooser = (
+        winograd.PathChooser(speed.winograd_cache, native=speed.winograd_native) if speed.winograd == AUTO else None
+    )
     for child in module.modules():
         if child is not module and hasattr(child, "set_speed"):
             child.set_speed(speed, chooser)
@@ -129,16 +141,16 @@ class Conv2d(nn.Conv2d):
 
     def __init__(self, *args: Any, use_winograd: Union[bool, str] = AUTO, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.use_winograd = use_winograd
+        self.use_winograd, self.native = use_winograd, True
         self.chooser: Optional[winograd.PathChooser] = None
 
     def set_speed(self, speed: SpeedSettings, chooser: Optional[winograd.PathChooser] = None) -> None:
-        """Take the ``winograd`` setting of ``speed`` (and, for ``"auto"``, the model's chooser)."""
-        self.use_winograd, self.chooser = speed.winograd, chooser
+        """Take the ``winograd`` settings of ``speed`` (and, for ``"auto"``, the model's chooser)."""
+        self.use_winograd, self.native, self.chooser = speed.winograd, speed.winograd_native, chooser
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._winograd_for(x):
-            return winograd.conv3x3(x, self.weight, self.bias)
+            return winograd.conv3x3(x, self.weight, self.bias, native=self.native)
         return super().forward(x)
 
     def _winograd_for(self, x: torch.Tensor) -> bool:

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from . import winograd_native
 from .errors import UserError
 from .fileio import atomic_write
 
@@ -194,60 +195,116 @@ def applicable(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
     return eligible(conv, x) and worthwhile(conv.in_channels, conv.out_channels, *x.shape[-2:])
 
 
-class _WinogradConv3x3(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], keep_input: bool
-    ) -> torch.Tensor:
-        bt, at, gg = _matrices(x)
-        n, c, height, width = x.shape
-        out_channels = weight.shape[0]
-        rows, cols = -(-height // OUT_TILE), -(-width // OUT_TILE)  # tiles per column / row
-        tiles = n * rows * cols
+class TorchTransforms:
+    """
+    The tile transforms of Winograd F(4x4, 3x3) in torch ops (gathers, two small matrix
+    products per transform, scatters), for any dtype and device; the reference for the compiled
+    ones (:class:`improved_diffusion.winograd_native.NativeTransforms`), with the same methods.
+
+    Images are ``(N, H, W, C)`` (any strides: a channels-last ``(N, C, H, W)`` tensor permuted);
+    tile matrices ``(36, T, C)``, ``T = N * rows * cols`` tiles in ``(n, row, column)`` order,
+    position ``6 a + b`` = column index ``a``, row index ``b``. Temporaries live in workspace slots
+    0-2 and 4-6 (the caller's products use slots 3 and 4 between the calls).
+    """
+
+    def input_transform(self, image: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out[6a+b] = (B^T d B)[b, a]`` of every 6x6 input tile ``d`` (one pixel of zero padding)."""
+        n, height, width, c = image.shape
+        rows, cols = -(-height // OUT_TILE), -(-width // OUT_TILE)
         # Zero-pad to whole tiles: one pixel of convolution padding on each side, plus the
         # bottom/right remainder.
-        padded = _WORKSPACE.get(1, (n, OUT_TILE * rows + 2, OUT_TILE * cols + 2, c), x)
+        padded = _WORKSPACE.get(1, (n, OUT_TILE * rows + 2, OUT_TILE * cols + 2, c), image)
         padded[:, :1].zero_()
         padded[:, height + 1 :].zero_()
         padded[:, 1 : height + 1, :1].zero_()
         padded[:, 1 : height + 1, width + 1 :].zero_()
-        padded[:, 1 : height + 1, 1 : width + 1] = x.permute(0, 2, 3, 1)
-        d = _WORKSPACE.get(2, (IN_TILE, IN_TILE, n, rows, cols, c), x)  # [row, column]
+        padded[:, 1 : height + 1, 1 : width + 1] = image
+        d = _WORKSPACE.get(2, (IN_TILE, IN_TILE, n, rows, cols, c), image)  # [row, column]
         d.copy_(padded.unfold(1, IN_TILE, OUT_TILE).unfold(2, IN_TILE, OUT_TILE).permute(4, 5, 0, 1, 2, 3))
+        _two_sided(_matrices(image)[0], d.view(IN_TILE, IN_TILE, -1), out=out.view(IN_TILE, IN_TILE, -1))
+        return out
+
+    def output_transform(self, m: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        """``out`` = the 4x4 output tiles ``A^T m A`` (+ ``bias``), cropped to ``out``'s ``H, W``."""
+        n, height, width, o = out.shape
+        rows, cols = -(-height // OUT_TILE), -(-width // OUT_TILE)
+        y = _WORKSPACE.get(5, (OUT_TILE, OUT_TILE, m.shape[1] * o), m)
+        _two_sided(_matrices(m)[1], m.view(IN_TILE, IN_TILE, -1), out=y)  # A^T m A, [row, column]
+        y = y.view(OUT_TILE, OUT_TILE, n, rows, cols, o).permute(2, 3, 0, 4, 1, 5)
+        if (OUT_TILE * rows, OUT_TILE * cols) == (height, width):
+            out.view(n, rows, OUT_TILE, cols, OUT_TILE, o).copy_(y)
+        else:
+            out.copy_(y.reshape(n, OUT_TILE * rows, OUT_TILE * cols, o)[:, :height, :width])
+        if bias is not None:
+            out += bias
+        return out
+
+    def grad_output_transform(self, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The adjoint of :meth:`output_transform`: ``out[6a+b] = (A g A^T)[b, a]`` per 4x4 tile ``g``."""
+        n, height, width, o = grad.shape
+        rows, cols = -(-height // OUT_TILE), -(-width // OUT_TILE)
+        if (OUT_TILE * rows, OUT_TILE * cols) != (height, width):
+            grad = F.pad(grad, (0, 0, 0, OUT_TILE * cols - width, 0, OUT_TILE * rows - height))
+        tiled = _WORKSPACE.get(1, (OUT_TILE, OUT_TILE, n, rows, cols, o), grad)
+        tiled.copy_(grad.reshape(n, rows, OUT_TILE, cols, OUT_TILE, o).permute(2, 4, 0, 1, 3, 5))
+        _two_sided(_matrices(grad)[1].t(), tiled.view(OUT_TILE, OUT_TILE, -1), out=out.view(IN_TILE, IN_TILE, -1))
+        return out
+
+    def grad_input_transform(self, dv: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The adjoint of :meth:`input_transform`: ``B dV B^T`` per tile, overlap-added onto ``out``'s image."""
+        n, height, width, c = out.shape
+        rows, cols = -(-height // OUT_TILE), -(-width // OUT_TILE)
+        dd = _WORKSPACE.get(4, (IN_TILE, IN_TILE, n * rows * cols * c), dv)
+        _two_sided(_matrices(dv)[0].t(), dv.view(IN_TILE, IN_TILE, -1), out=dd)  # B dV B^T, [row, column]
+        out.copy_(_overlap_add(dd.view(IN_TILE, IN_TILE, n, rows, cols, c))[:, 1 : height + 1, 1 : width + 1])
+        return out
+
+
+TORCH_TRANSFORMS = TorchTransforms()
+
+
+def transforms_for(x: torch.Tensor, native: bool = True) -> Any:
+    """The compiled transforms for a float32 CPU ``x`` when ``native`` and they load, else the torch-ops ones."""
+    if native and x.dtype == torch.float32 and x.device.type == "cpu":
+        compiled = winograd_native.load(self_check)
+        if compiled is not None:
+            return compiled
+    return TORCH_TRANSFORMS
+
+
+class _WinogradConv3x3(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], keep_input: bool, transforms: Any
+    ) -> torch.Tensor:
+        n, c, height, width = x.shape
+        out_channels = weight.shape[0]
+        tiles = n * -(-height // OUT_TILE) * -(-width // OUT_TILE)
         # B^T d B, (36, T, C), [column, row]: a new tensor when the weight gradient needs it.
-        v = None if keep_input else _WORKSPACE.get(3, (IN_TILE, IN_TILE, tiles * c), x)
-        v = _two_sided(bt, d.view(IN_TILE, IN_TILE, -1), out=v).view(IN_TILE**2, tiles, c)
+        shape = (IN_TILE**2, tiles, c)
+        v = torch.empty(shape, dtype=x.dtype, device=x.device) if keep_input else _WORKSPACE.get(3, shape, x)
+        transforms.input_transform(x.permute(0, 2, 3, 1), v)
         # G g G^T in the same [column, row] order: G ⊗ G applied to the filter's [column, row].
+        gg = _matrices(x)[2]
         u = (gg @ weight.permute(3, 2, 1, 0).reshape(9, c * out_channels)).view(IN_TILE**2, c, out_channels)
         m = _WORKSPACE.get(4, (IN_TILE**2, tiles, out_channels), x)
         torch.bmm(v, u, out=m)  # one matrix product per tile position
-        y = _WORKSPACE.get(5, (OUT_TILE, OUT_TILE, tiles * out_channels), x)
-        _two_sided(at, m.view(IN_TILE, IN_TILE, -1), out=y)  # A^T m A, [row, column]
-        y = _new_copy(y.view(OUT_TILE, OUT_TILE, n, rows, cols, out_channels).permute(2, 3, 0, 4, 1, 5))
-        y = y.view(n, OUT_TILE * rows, OUT_TILE * cols, out_channels)
-        if bias is not None:
-            y += bias
+        y = torch.empty((n, height, width, out_channels), dtype=x.dtype, device=x.device)
+        transforms.output_transform(m, bias, y)
         ctx.save_for_backward(v if keep_input else None, u)
-        ctx.shape = (n, c, height, width, rows, cols)
-        ctx.has_bias = bias is not None
-        return y[:, :height, :width].permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+        ctx.transforms, ctx.has_bias = transforms, bias is not None
+        return y.permute(0, 3, 1, 2)  # channels-last (N, O, H, W)
 
     @staticmethod
     @once_differentiable  # the saved transforms carry no graph: double backward would be wrong
     def backward(ctx, grad_out: torch.Tensor):
         v, u = ctx.saved_tensors
-        bt, at, gg = _matrices(grad_out)
-        n, c, height, width, rows, cols = ctx.shape
-        out_channels = u.shape[2]
-        tiles = n * rows * cols
-        g = grad_out.permute(0, 2, 3, 1)  # (N, H, W, O)
-        if (OUT_TILE * rows, OUT_TILE * cols) != (height, width):
-            g = F.pad(g, (0, 0, 0, OUT_TILE * cols - width, 0, OUT_TILE * rows - height))
-        tiled = _WORKSPACE.get(1, (OUT_TILE, OUT_TILE, n, rows, cols, out_channels), g)
-        tiled.copy_(g.reshape(n, rows, OUT_TILE, cols, OUT_TILE, out_channels).permute(2, 4, 0, 1, 3, 5))
-        dm = _WORKSPACE.get(2, (IN_TILE, IN_TILE, tiles * out_channels), g)
-        _two_sided(at.t(), tiled.view(OUT_TILE, OUT_TILE, -1), out=dm)
-        dm = dm.view(IN_TILE**2, tiles, out_channels)  # A dY A^T, (36, T, O), [column, row]
+        gg = _matrices(grad_out)[2]
+        n, out_channels, height, width = grad_out.shape
+        c, tiles = u.shape[1], n * -(-height // OUT_TILE) * -(-width // OUT_TILE)
+        dm = ctx.transforms.grad_output_transform(
+            grad_out.permute(0, 2, 3, 1), _WORKSPACE.get(2, (IN_TILE**2, tiles, out_channels), grad_out)
+        )  # A dY A^T, (36, T, O), [column, row]
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[1]:
             du = torch.bmm(v.transpose(1, 2), dm)  # (36, C, O)
@@ -256,19 +313,11 @@ class _WinogradConv3x3(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum(dim=(0, 2, 3))
         if ctx.needs_input_grad[0]:
-            dv = _WORKSPACE.get(3, (IN_TILE**2, tiles, c), g)
+            dv = _WORKSPACE.get(3, (IN_TILE**2, tiles, c), grad_out)
             torch.bmm(dm, u.transpose(1, 2), out=dv)  # (36, T, C)
-            dd = _WORKSPACE.get(4, (IN_TILE, IN_TILE, tiles * c), g)
-            _two_sided(bt.t(), dv.view(IN_TILE, IN_TILE, -1), out=dd)  # B dV B^T, [row, column]
-            dd = dd.view(IN_TILE, IN_TILE, n, rows, cols, c)
-            grad_x = _new_copy(_overlap_add(dd)[:, 1 : height + 1, 1 : width + 1]).permute(0, 3, 1, 2)
-        return grad_x, grad_w, grad_b, None
-
-
-def _new_copy(view: torch.Tensor) -> torch.Tensor:
-    """A new contiguous tensor with the values of ``view`` (never a workspace slot, unlike
-    ``contiguous()``, which returns ``view`` itself when it happens to be contiguous)."""
-    return torch.empty(view.shape, dtype=view.dtype, device=view.device).copy_(view)
+            grad_x = torch.empty((n, height, width, c), dtype=grad_out.dtype, device=grad_out.device)
+            grad_x = ctx.transforms.grad_input_transform(dv, grad_x).permute(0, 3, 1, 2)
+        return grad_x, grad_w, grad_b, None, None
 
 
 def _overlap_add(dd: torch.Tensor) -> torch.Tensor:
@@ -293,7 +342,9 @@ def _overlap_add(dd: torch.Tensor) -> torch.Tensor:
     return out.view(n, OUT_TILE * (rows + 1), OUT_TILE * (cols + 1), c)
 
 
-def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def conv3x3(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, native: bool = True
+) -> torch.Tensor:
     """
     ``F.conv2d(x, weight, bias, padding=1)`` by Winograd F(4x4, 3x3) [Lavin & Gray Eq. 10],
     differentiable in ``x``, ``weight`` and ``bias``.
@@ -301,10 +352,53 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
     :param x: (N, C, H, W), any memory layout (float32 is the fast case; float64 works too).
     :param weight: (O, C, 3, 3), same dtype.
     :param bias: (O,) or None.
+    :param native: take the compiled tile transforms (:mod:`improved_diffusion.winograd_native`)
+        where they load; False: the torch-ops ones. Same numbers within float32 rounding.
     :return: (N, O, H, W) in channels-last memory layout.
     """
     keep_input = torch.is_grad_enabled() and weight.requires_grad  # the weight gradient needs B^T d B
-    return _WinogradConv3x3.apply(x, weight, bias, keep_input)
+    return _WinogradConv3x3.apply(x, weight, bias, keep_input, transforms_for(x, native))
+
+
+def self_check(transforms: Any) -> str:
+    """
+    Compare each transform of ``transforms`` with :class:`TorchTransforms` on a small odd-sized
+    case (:func:`transform_pairs`).
+
+    :return: "" when they agree to 1e-5 of the reference's largest value, else what differs.
+    """
+    problems = []
+    for name, (theirs, reference) in transform_pairs(transforms, torch.Generator().manual_seed(0)).items():
+        error = (theirs - reference).abs().max().item() / (reference.abs().max().item() or 1.0)
+        if not error <= 1e-5:  # also catches NaN
+            problems.append(f"{name} off by {error:.1e}")
+    return ", ".join(problems)
+
+
+def transform_pairs(transforms: Any, generator: torch.Generator) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """
+    Each transform of ``transforms`` and of :class:`TorchTransforms` on the same small random
+    float32 inputs (two images of 6x9 pixels and 70 channels: partial tiles, a channel count
+    off the compiled code's blocks), ``{name: (theirs, torch ops')}``: for self-checks and tests.
+    """
+    n, height, width, c = 2, 6, 9, 70
+    tiles = n * -(-height // OUT_TILE) * -(-width // OUT_TILE)
+    image = torch.randn((n, height, width, c), generator=generator)
+    matrices = torch.randn((IN_TILE**2, tiles, c), generator=generator)
+    bias = torch.randn((c,), generator=generator)
+    pairs = {}
+    for name, args, shape in (
+        ("input_transform", (image,), matrices.shape),
+        ("output_transform", (matrices, bias), image.shape),
+        ("grad_output_transform", (image,), matrices.shape),
+        ("grad_input_transform", (matrices,), image.shape),
+    ):
+        results = [
+            getattr(t, name)(*[a.clone() for a in args], torch.full(shape, float("nan")))
+            for t in (transforms, TORCH_TRANSFORMS)
+        ]
+        pairs[name] = (results[0], results[1])
+    return pairs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,10 +421,12 @@ class PathChooser:
     :param cache_file: JSON file of earlier decisions ("" or None: this process only).
     :param repeats: timed calls per path (the fastest counts), after one warm-up call.
     :param margin: Winograd is chosen only if it takes at most this fraction of the direct time.
+    :param native: time (and key the decisions by) the Winograd path with the compiled tile
+        transforms where they load (:func:`conv3x3`'s ``native``).
     """
 
-    def __init__(self, cache_file: Optional[str] = None, repeats: int = 3, margin: float = 0.95):
-        self.cache_file, self.repeats, self.margin = cache_file or None, repeats, margin
+    def __init__(self, cache_file: Optional[str] = None, repeats: int = 3, margin: float = 0.95, native: bool = True):
+        self.cache_file, self.repeats, self.margin, self.native = cache_file or None, repeats, margin, native
         self.decisions: Dict[str, Dict[str, Any]] = {}
         self._new: List[str] = []
         if self.cache_file and os.path.exists(self.cache_file):
@@ -338,9 +434,11 @@ class PathChooser:
 
     def use_winograd(self, in_channels: int, out_channels: int, x: torch.Tensor, training: bool) -> bool:
         """Whether a 3x3 convolution ``in_channels -> out_channels`` of ``x`` should use Winograd."""
-        key = _key(in_channels, out_channels, x, training)
+        key = _key(in_channels, out_channels, x, training, transforms_for(x, self.native))
         if key not in self.decisions:
-            self.decisions[key] = _measure(in_channels, out_channels, x, training, self.repeats, self.margin)
+            self.decisions[key] = _measure(
+                in_channels, out_channels, x, training, self.repeats, self.margin, self.native
+            )
             self._new.append(key)
             if self.cache_file:
                 _write_cache(self.cache_file, self.decisions)
@@ -353,13 +451,14 @@ class PathChooser:
         return lines
 
 
-def _key(in_channels: int, out_channels: int, x: torch.Tensor, training: bool) -> str:
+def _key(in_channels: int, out_channels: int, x: torch.Tensor, training: bool, transforms: Any) -> str:
     layout = "channels_last" if x.is_contiguous(memory_format=torch.channels_last) else "contiguous"
     n, _, height, width = x.shape
     mode = "train" if training else "eval"
+    kind = "torch-ops" if transforms is TORCH_TRANSFORMS else "compiled"
     return (
         f"{in_channels}->{out_channels} {height}x{width} batch {n} {layout} {mode} threads {torch.get_num_threads()} "
-        f"cpu {torch.backends.cpu.get_cpu_capability()} torch {torch.__version__}"
+        f"cpu {torch.backends.cpu.get_cpu_capability()} torch {torch.__version__} {kind} transforms"
     )
 
 
@@ -368,7 +467,9 @@ def _describe(decision: Dict[str, Any]) -> str:
     return f"{path} (direct {1e3 * decision['direct_s']:.2f} ms, winograd {1e3 * decision['winograd_s']:.2f} ms)"
 
 
-def _measure(in_channels: int, out_channels: int, x: torch.Tensor, training: bool, repeats: int, margin: float):
+def _measure(
+    in_channels: int, out_channels: int, x: torch.Tensor, training: bool, repeats: int, margin: float, native: bool
+):
     """Time both paths on constant tensors shaped like ``x`` (no random numbers are drawn)."""
     layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
     probe = torch.full(x.shape, 0.5, dtype=x.dtype).contiguous(memory_format=layout)
@@ -388,7 +489,7 @@ def _measure(in_channels: int, out_channels: int, x: torch.Tensor, training: boo
 
     times = {
         "direct_s": _fastest(lambda: run(lambda a, w, b: F.conv2d(a, w, b, padding=1)), repeats),
-        "winograd_s": _fastest(lambda: run(conv3x3), repeats),
+        "winograd_s": _fastest(lambda: run(lambda a, w, b: conv3x3(a, w, b, native=native)), repeats),
     }
     return {"winograd": times["winograd_s"] <= margin * times["direct_s"], **times}
 

@@ -159,7 +159,7 @@ def test_unet_training_step_matches_direct_convolution(monkeypatch):
 
     calls = []
     conv3x3 = winograd.conv3x3
-    monkeypatch.setattr(winograd, "conv3x3", lambda *a: calls.append(a[0].shape) or conv3x3(*a))
+    monkeypatch.setattr(winograd, "conv3x3", lambda *a, **k: calls.append(a[0].shape) or conv3x3(*a, **k))
     loss_fast, grads_fast = loss_and_grads(True)
     assert len(calls) >= 4 and {shape[1] for shape in calls} >= {64, 128}  # both levels took the path
     calls.clear()
@@ -265,7 +265,7 @@ def test_auto_model_follows_the_measured_decisions(monkeypatch):
     monkeypatch.setattr(model.conv_chooser, "use_winograd", lambda *a, **k: True)
     calls = []
     conv3x3 = winograd.conv3x3
-    monkeypatch.setattr(winograd, "conv3x3", lambda *a: calls.append(a[0].shape) or conv3x3(*a))
+    monkeypatch.setattr(winograd, "conv3x3", lambda *a, **k: calls.append(a[0].shape) or conv3x3(*a, **k))
     with torch.no_grad():
         model(torch.randn(1, 3, 16, 16), torch.tensor([5]))
     # 32-channel layers, below the fixed rule's 64, took Winograd because the chooser said so
