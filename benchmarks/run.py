@@ -19,8 +19,10 @@ Variants (each is the plain path plus one option, except ``default`` and ``best`
 one variant per ``improved_diffusion.nn.SpeedSettings`` field (e.g. ``sdpa``);
 ``channels_last``; ``fused_adamw``; ``compile`` (with ``--compile``); ``bf16`` (on GPUs and on
 CPUs with native bfloat16, or with ``--bf16``); ``fp16`` (GPU); ``default`` = the library's
-defaults; ``best`` = defaults plus every float32 option (plus compile with ``--compile``);
-``bf16_sdpa_compile`` (GPU with ``--compile``). A ratio > 1 means faster than ``plain``.
+defaults; ``default_torch_ops`` = the defaults with Winograd's tile transforms in torch ops
+instead of compiled C (``--winograd_native False``); ``best`` = defaults plus every float32
+option (plus compile with ``--compile``); ``bf16_sdpa_compile`` (GPU with ``--compile``).
+A ratio > 1 means faster than ``plain``.
 
     .venv/bin/python benchmarks/run.py --threads 2               # everything (many minutes on a CPU)
     .venv/bin/python benchmarks/run.py --quick                   # smoke test: tiny sizes, seconds
@@ -96,8 +98,13 @@ class Variant:
 
 
 def _switch_names() -> List[str]:
-    """The on/off speed settings (winograd True: the fixed size rule; its "auto" is the winograd_auto variant)."""
-    return [f.name for f in dataclasses.fields(SpeedSettings) if isinstance(f.default, bool) or f.name == "winograd"]
+    """The on/off speed settings (winograd True: the fixed size rule; its "auto" is the winograd_auto variant;
+    winograd_native only matters with winograd on: the default_torch_ops variant)."""
+    return [
+        f.name
+        for f in dataclasses.fields(SpeedSettings)
+        if (isinstance(f.default, bool) or f.name == "winograd") and f.name != "winograd_native"
+    ]
 
 
 def _speed(variant: Variant) -> SpeedSettings:
@@ -121,6 +128,7 @@ def make_variants(args: argparse.Namespace, device: torch.device) -> Dict[str, V
     if device.type == "cuda":
         variants.append(Variant("fp16", off, amp="fp16"))
     variants.append(Variant("default", {}, channels_last=None))
+    variants.append(Variant("default_torch_ops", dict(winograd_native=False), channels_last=None))
     variants.append(Variant("best", {}, channels_last=True, fused_adamw=True, compile=args.compile))
     if device.type == "cuda" and args.compile:
         variants.append(Variant("bf16_sdpa_compile", dict(off, sdpa=True), amp="bf16", compile=True))
@@ -302,7 +310,7 @@ def _train_loop(model: torch.nn.Module, diffusion: Any, variant: Variant, batch_
     if "compile" not in options:
         _compile(model, variant.compile)
     loop = TrainLoop(**kwargs)
-    if variant.name != "default" and "fused_adamw" not in options:
+    if not variant.name.startswith("default") and "fused_adamw" not in options:
         # The library's AdamW is fused; plain and its one-option variants keep the original's for-loop one.
         fused = dict(fused=True) if variant.fused_adamw else dict(foreach=False)
         loop.opt = torch.optim.AdamW(loop.params, lr=loop.lr, weight_decay=loop.weight_decay, **fused)

@@ -374,7 +374,7 @@ EVALUATE = FlagGroup(
 )
 
 _SPEED_HELP = {
-    "sdpa": "attention through F.scaled_dot_product_attention (False: the plain formula)",
+    "sdpa": "attention through F.scaled_dot_product_attention, its 1x1 projections by F.linear (False: the original's)",
     "winograd": (
         "float32 3x3 convolutions on CPUs by Winograd F(4x4, 3x3): auto = timed per layer shape on first use, "
         "True = by a fixed size rule, False = direct convolution"

@@ -35,7 +35,9 @@ class SpeedSettings:
 
     :param sdpa: attention through ``F.scaled_dot_product_attention`` (flash / memory-efficient
         kernels on GPU) instead of the plain ``softmax(q k^T / sqrt(d)) v`` formula with a
-        float32 softmax. Both give the same numbers within float32 tolerance.
+        float32 softmax, and its 1x1 projections as matrix products over the channels instead
+        of convolutions (:func:`improved_diffusion.unet_blocks.pointwise_linear`). Both give the
+        same numbers within float32 tolerance.
     :param winograd: float32 3x3 convolutions on CPUs through Winograd F(4x4, 3x3)
         (:mod:`improved_diffusion.winograd`: 4x fewer multiplications, channels-last output)
         instead of the direct convolution; differs from it by ~1e-5 relative. ``"auto"`` (the

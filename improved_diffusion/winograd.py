@@ -12,9 +12,14 @@ tile with 36 element-wise products per channel pair instead of 144:
 with ``d`` a 6x6 input tile, ``g`` the 3x3 filter and the constant matrices ``B^T`` (6x6),
 ``G`` (6x3), ``A^T`` (4x6) below (interpolation points 0, ±1, ±2, ∞). Summing over input
 channels turns the element-wise products into 36 independent matrix products, one per tile
-position, which is where the time goes; the transforms are cheap reshuffles. The backward pass
-is the transpose of each linear stage: the same 36 matrix products give the weight and input
-gradients, so training gets the 4x saving too.
+position (torch's ``bmm``). The backward pass is the transpose of each linear stage: the same
+36 matrix products give the weight and input gradients, so training gets the 4x saving too.
+
+The tile transforms (gathering 6x6 tiles and applying ``B^T``, ``A^T`` and their adjoints) do
+few operations per byte, so their cost is memory traffic: in torch ops
+(:class:`TorchTransforms`) each takes several passes over multi-megabyte temporaries; compiled
+from C (:mod:`improved_diffusion.winograd_native`, the default where a C compiler works) each
+is one pass, which is what makes 64-channel layers gain (benchmarks/README.md).
 
 Layout: everything runs channels-last (``N, H, W, C`` in memory), where the tile gathering and
 scattering copy contiguous channel vectors; the output is a channels-last ``(N, O, H, W)``
@@ -419,13 +424,14 @@ class PathChooser:
     models in a process never share decisions.
 
     :param cache_file: JSON file of earlier decisions ("" or None: this process only).
-    :param repeats: timed calls per path (the fastest counts), after one warm-up call.
+    :param repeats: timed calls per path (the fastest counts), alternating between the paths,
+        after one warm-up call of each.
     :param margin: Winograd is chosen only if it takes at most this fraction of the direct time.
     :param native: time (and key the decisions by) the Winograd path with the compiled tile
         transforms where they load (:func:`conv3x3`'s ``native``).
     """
 
-    def __init__(self, cache_file: Optional[str] = None, repeats: int = 3, margin: float = 0.95, native: bool = True):
+    def __init__(self, cache_file: Optional[str] = None, repeats: int = 5, margin: float = 0.95, native: bool = True):
         self.cache_file, self.repeats, self.margin, self.native = cache_file or None, repeats, margin, native
         self.decisions: Dict[str, Dict[str, Any]] = {}
         self._new: List[str] = []
@@ -487,10 +493,13 @@ def _measure(
             inputs = [t.detach().requires_grad_(True) for t in (probe, weight, bias)]
             conv(*inputs).sum().backward()
 
-    times = {
-        "direct_s": _fastest(lambda: run(lambda a, w, b: F.conv2d(a, w, b, padding=1)), repeats),
-        "winograd_s": _fastest(lambda: run(lambda a, w, b: conv3x3(a, w, b, native=native)), repeats),
-    }
+    times = _fastest_interleaved(
+        {
+            "direct_s": lambda: run(lambda a, w, b: F.conv2d(a, w, b, padding=1)),
+            "winograd_s": lambda: run(lambda a, w, b: conv3x3(a, w, b, native=native)),
+        },
+        repeats,
+    )
     return {"winograd": times["winograd_s"] <= margin * times["direct_s"], **times}
 
 
@@ -498,13 +507,20 @@ def _identity(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _fastest(fn: Any, repeats: int) -> float:
-    fn()  # warm-up: workspaces, kernels
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _fastest_interleaved(calls: Dict[str, Any], repeats: int) -> Dict[str, float]:
+    """
+    The fastest of ``repeats`` timed rounds of each call, after one warm-up round (workspaces,
+    kernels). Rounds alternate between the calls, so a slow moment of a shared machine (another
+    process, page faults while the heap grows) does not fall on one path only.
+    """
+    for fn in calls.values():
         fn()
-        best = min(best, time.perf_counter() - start)
+    best = {name: float("inf") for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 

@@ -10,7 +10,7 @@ of a 32x32 model gain from Winograd on AVX-512 CPUs (benchmarks/README.md, "Comp
 transforms"). The batched matrix products stay with torch (MKL / oneDNN).
 
 The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``, ``gcc``
-or ``clang``) for this CPU (``-O3 -march=native``) and kept in a cache folder
+or ``clang``) for this CPU (``-O3 -march=native -fopenmp``) and kept in a cache folder
 (``$IMPROVED_DIFFUSION_CACHE``, else ``$XDG_CACHE_HOME/improved_diffusion``, else
 ``~/.cache/improved_diffusion``) under a name that hashes the source, the compiler, its flags
 and the CPU, written under a temporary name and renamed, so concurrent ranks never load a
@@ -36,7 +36,9 @@ from . import logger
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "winograd_transforms.c")
 _FLAGS = ("-O3", "-std=c99", "-ffp-contract=fast", "-shared", "-fPIC", "-pthread")
-_ARCH_FLAGS = (("-march=native",), ())  # tried in this order
+# Tried in this order: OpenMP (which then shares torch's OpenMP runtime and threads) for this
+# CPU, then without OpenMP (POSIX threads), then for any CPU of the architecture.
+_ARCH_FLAGS = (("-fopenmp", "-march=native"), ("-march=native",), ())
 
 _LOCK = threading.Lock()
 _LOADED: Dict[str, Optional["NativeTransforms"]] = {}  # a cache of the one library per process

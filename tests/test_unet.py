@@ -93,6 +93,26 @@ def test_sdpa_attention_equals_plain_formula(heads):
     torch.testing.assert_close(fast, expected, **FLOAT32)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_attention_block_fast_path_equals_the_original_convolutions(channels_last):
+    """sdpa=True also computes the 1x1 projections by F.linear: same outputs and gradients as conv1d."""
+    torch.manual_seed(0)
+    block = AttentionBlock(64, num_heads=4)
+    torch.nn.init.normal_(block.proj_out.weight, std=0.1)  # not the zero init: the projection counts
+    x = torch.randn(3, 64, 6, 5)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    results = []
+    for sdpa in (True, False):
+        block.set_speed(SpeedSettings(sdpa=sdpa))
+        xi = x.detach().requires_grad_()
+        out = block(xi)
+        assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        grads = torch.autograd.grad(out, [xi, *block.parameters()], torch.ones_like(out))
+        results.append((out, *grads))
+    for fast, plain in zip(*results):
+        torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+
+
 def test_attention_block_zero_initialised_is_identity():
     block = AttentionBlock(32, num_heads=2)
     x = torch.randn(2, 32, 4, 4)

@@ -12,9 +12,9 @@
  * Tile (n, r, q) reads image pixels (4r - 1 + i, 4q - 1 + j), i, j = 0..5 (zero outside: the
  * convolution's padding), and produces outputs (4r + i, 4q + j), i, j = 0..3.
  *
- * Threads: each call splits its work into contiguous ranges over nthreads POSIX threads; every
- * output element is computed by one thread in a fixed order, so results do not depend on the
- * thread count.
+ * Threads: each call splits its work into contiguous ranges over nthreads threads (OpenMP where
+ * compiled with it, else POSIX threads); every output element is computed by one thread in a
+ * fixed order, so results do not depend on the thread count.
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -34,6 +34,24 @@ struct job {
     int64_t begin, end; /* work units of this thread */
 };
 
+#ifdef _OPENMP
+#include <omp.h>
+
+/* OpenMP: the process's OpenMP runtime is torch's own (same soname), so these regions run on
+   torch's intra-op threads instead of competing with them for the cores. */
+static void run_parallel(work_fn fn, job_t base, int64_t units, int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+    if (units < nthreads) nthreads = (int)(units > 0 ? units : 1);
+#pragma omp parallel num_threads(nthreads)
+    {
+        job_t job = base;
+        const int64_t k = omp_get_thread_num(), count = omp_get_num_threads();
+        job.begin = units * k / count;
+        job.end = units * (k + 1) / count;
+        fn(&job);
+    }
+}
+#else
 static void *thread_main(void *arg) {
     const job_t *job = arg;
     job->fn(job);
@@ -54,8 +72,7 @@ static void run_parallel(work_fn fn, job_t base, int64_t units, int nthreads) {
         jobs[k].end = units * (k + 1) / nthreads;
         started[k] = 0;
     }
-    for (int k = 1; k < nthreads; k++)
-        started[k] = pthread_create(&threads[k], NULL, thread_main, &jobs[k]) == 0;
+    for (int k = 1; k < nthreads; k++) started[k] = pthread_create(&threads[k], NULL, thread_main, &jobs[k]) == 0;
     fn(&jobs[0]);
     for (int k = 1; k < nthreads; k++) {
         if (started[k])
@@ -64,6 +81,7 @@ static void run_parallel(work_fn fn, job_t base, int64_t units, int nthreads) {
             fn(&jobs[k]); /* no thread could be made: do its share here */
     }
 }
+#endif
 
 /* B^T applied to six vectors of length len: out_k = sum_i BT[k][i] in_i. */
 static inline void bt6(float *restrict o0, float *restrict o1, float *restrict o2, float *restrict o3,
