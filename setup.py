@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Improved Denoising Diffusion Probabilistic Models (Nichol & Dhariwal, 2021)",
     packages=["improved_diffusion"],
-    # The C source of the Winograd tile transforms, compiled on first use (winograd_native.py).
+    # The C sources of the CPU kernels, compiled on first use (improved_diffusion/native.py).
     package_data={"improved_diffusion": ["csrc/*.c"]},
     python_requires=">=3.10",
     # Same pins as requirements.txt (which adds the test tools).

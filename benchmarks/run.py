@@ -19,9 +19,10 @@ Variants (each is the plain path plus one option, except ``default`` and ``best`
 one variant per ``improved_diffusion.nn.SpeedSettings`` field (e.g. ``sdpa``);
 ``channels_last``; ``fused_adamw``; ``compile`` (with ``--compile``); ``bf16`` (on GPUs and on
 CPUs with native bfloat16, or with ``--bf16``); ``fp16`` (GPU); ``default`` = the library's
-defaults; ``default_torch_ops`` = the defaults with Winograd's tile transforms in torch ops
-instead of compiled C (``--winograd_native False``); ``best`` = defaults plus every float32
-option (plus compile with ``--compile``); ``bf16_sdpa_compile`` (GPU with ``--compile``).
+defaults; ``default_torch_ops`` = the defaults with torch ops instead of the compiled C kernels
+(Winograd's tile transforms, channels-last GroupNorm; ``--native_kernels False``); ``best`` =
+defaults plus every float32 option (plus compile with ``--compile``); ``bf16_sdpa_compile``
+(GPU with ``--compile``).
 A ratio > 1 means faster than ``plain``.
 
     .venv/bin/python benchmarks/run.py --threads 2               # everything (many minutes on a CPU)
@@ -99,11 +100,11 @@ class Variant:
 
 def _switch_names() -> List[str]:
     """The on/off speed settings (winograd True: the fixed size rule; its "auto" is the winograd_auto variant;
-    winograd_native only matters with winograd on: the default_torch_ops variant)."""
+    native_kernels only matters with winograd on: the default_torch_ops variant)."""
     return [
         f.name
         for f in dataclasses.fields(SpeedSettings)
-        if (isinstance(f.default, bool) or f.name == "winograd") and f.name != "winograd_native"
+        if (isinstance(f.default, bool) or f.name == "winograd") and f.name != "native_kernels"
     ]
 
 
@@ -128,7 +129,7 @@ def make_variants(args: argparse.Namespace, device: torch.device) -> Dict[str, V
     if device.type == "cuda":
         variants.append(Variant("fp16", off, amp="fp16"))
     variants.append(Variant("default", {}, channels_last=None))
-    variants.append(Variant("default_torch_ops", dict(winograd_native=False), channels_last=None))
+    variants.append(Variant("default_torch_ops", dict(native_kernels=False), channels_last=None))
     variants.append(Variant("best", {}, channels_last=True, fused_adamw=True, compile=args.compile))
     if device.type == "cuda" and args.compile:
         variants.append(Variant("bf16_sdpa_compile", dict(off, sdpa=True), amp="bf16", compile=True))

@@ -380,9 +380,9 @@ _SPEED_HELP = {
         "True = by a fixed size rule, False = direct convolution"
     ),
     "winograd_cache": 'with --winograd auto: a JSON file keeping the timings for later runs ("": none)',
-    "winograd_native": (
-        "Winograd's tile transforms compiled from C with the system compiler on first use (torch ops where none "
-        "works); False = torch ops"
+    "native_kernels": (
+        "CPU kernels compiled from C with the system compiler on first use: Winograd's tile transforms, "
+        "channels-last GroupNorm (torch ops where no compiler works); False = torch ops"
     ),
 }
 SPEED = FlagGroup(

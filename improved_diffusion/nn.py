@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from . import winograd
+from . import native, winograd
 from .errors import UserError
 
 AUTO = "auto"
@@ -48,33 +48,33 @@ class SpeedSettings:
         is the fastest exact-enough path on every device.
     :param winograd_cache: with ``winograd="auto"``, a JSON file that keeps the measured
         decisions for later runs ("" = this process only).
-    :param winograd_native: the Winograd path's tile transforms compiled from C on first use
-        (:mod:`improved_diffusion.winograd_native`: one memory pass each; the torch-ops ones
-        where no C compiler works); False: always the torch-ops transforms. Same numbers within
-        float32 rounding.
+    :param native_kernels: CPU kernels compiled from C on first use
+        (:mod:`improved_diffusion.native`) for the Winograd path's tile transforms and for
+        GroupNorm of channels-last float32 images (torch ops where no C compiler works); False:
+        always torch ops. Same numbers within float32 rounding.
     """
 
     sdpa: bool = True
     winograd: Union[bool, str] = AUTO
     winograd_cache: str = ""
-    winograd_native: bool = True
+    native_kernels: bool = True
 
     def __post_init__(self) -> None:
         if self.winograd not in (True, False, AUTO):
             raise UserError(f"--winograd {self.winograd!r}: expected True, False or {AUTO}")
 
     def summary(self) -> str:
-        """One line for the log, e.g. ``speed settings: sdpa=True, winograd=auto, winograd_native=True``
-        (the other winograd settings only where Winograd is on, the cache only where set)."""
+        """One line for the log, e.g. ``speed settings: sdpa=True, winograd=auto, native_kernels=True``
+        (the Winograd cache only where Winograd is on and a cache is set)."""
         items = {
             k: v
             for k, v in dataclasses.asdict(self).items()
-            if not (k.startswith("winograd_") and (self.winograd is False or v == ""))
+            if not (k == "winograd_cache" and (self.winograd is False or v == ""))
         }
         return "speed settings: " + ", ".join(f"{k}={v}" for k, v in items.items())
 
 
-PLAIN_SPEED = SpeedSettings(sdpa=False, winograd=False)  # the original's computation
+PLAIN_SPEED = SpeedSettings(sdpa=False, winograd=False, native_kernels=False)  # the original's computation
 
 
 def apply_speed(module: nn.Module, speed: SpeedSettings) -> Optional[winograd.PathChooser]:
@@ -85,7 +85,7 @@ def apply_speed(module: nn.Module, speed: SpeedSettings) -> Optional[winograd.Pa
     :return: that chooser, or None.
     """
     chooser = (
-        winograd.PathChooser(speed.winograd_cache, native=speed.winograd_native) if speed.winograd == AUTO else None
+        winograd.PathChooser(speed.winograd_cache, native=speed.native_kernels) if speed.winograd == AUTO else None
     )
     for child in module.modules():
         if child is not module and hasattr(child, "set_speed"):
@@ -119,11 +119,26 @@ SiLU = nn.SiLU
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm evaluated in float32 (autocast off) and cast back to the input's dtype."""
+    """GroupNorm evaluated in float32 (autocast off) and cast back to the input's dtype; on
+    channels-last CPU images by the compiled kernel where its ``native_kernels`` setting is on
+    (:func:`improved_diffusion.native.group_norm`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.native = True
+
+    def set_speed(self, speed: SpeedSettings, chooser: Optional[winograd.PathChooser] = None) -> None:
+        """Take the ``native_kernels`` setting of ``speed``."""
+        self.native = speed.native_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            out = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
+            x32, weight, bias = x.float(), self.weight.float(), self.bias.float()
+            out = None
+            if self.native and native.group_norm_applies(x32, self.num_groups):
+                out = native.group_norm(x32, self.num_groups, weight, bias, self.eps)
+            if out is None:
+                out = F.group_norm(x32, self.num_groups, weight, bias, self.eps)
         return out.to(x.dtype)
 
 
@@ -148,7 +163,7 @@ class Conv2d(nn.Conv2d):
 
     def set_speed(self, speed: SpeedSettings, chooser: Optional[winograd.PathChooser] = None) -> None:
         """Take the ``winograd`` settings of ``speed`` (and, for ``"auto"``, the model's chooser)."""
-        self.use_winograd, self.native, self.chooser = speed.winograd, speed.winograd_native, chooser
+        self.use_winograd, self.native, self.chooser = speed.winograd, speed.native_kernels, chooser
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._winograd_for(x):

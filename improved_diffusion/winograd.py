@@ -18,7 +18,7 @@ position (torch's ``bmm``). The backward pass is the transpose of each linear st
 The tile transforms (gathering 6x6 tiles and applying ``B^T``, ``A^T`` and their adjoints) do
 few operations per byte, so their cost is memory traffic: in torch ops
 (:class:`TorchTransforms`) each takes several passes over multi-megabyte temporaries; compiled
-from C (:mod:`improved_diffusion.winograd_native`, the default where a C compiler works) each
+from C (:mod:`improved_diffusion.native`, the default where a C compiler works) each
 is one pass, which is what makes 64-channel layers gain (benchmarks/README.md).
 
 Layout: everything runs channels-last (``N, H, W, C`` in memory), where the tile gathering and
@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from . import winograd_native
+from . import native as native_kernels
 from .errors import UserError
 from .fileio import atomic_write
 
@@ -204,7 +204,7 @@ class TorchTransforms:
     """
     The tile transforms of Winograd F(4x4, 3x3) in torch ops (gathers, two small matrix
     products per transform, scatters), for any dtype and device; the reference for the compiled
-    ones (:class:`improved_diffusion.winograd_native.NativeTransforms`), with the same methods.
+    ones (:class:`improved_diffusion.native.NativeTransforms`), with the same methods.
 
     Images are ``(N, H, W, C)`` (any strides: a channels-last ``(N, C, H, W)`` tensor permuted);
     tile matrices ``(36, T, C)``, ``T = N * rows * cols`` tiles in ``(n, row, column)`` order,
@@ -271,7 +271,7 @@ TORCH_TRANSFORMS = TorchTransforms()
 def transforms_for(x: torch.Tensor, native: bool = True) -> Any:
     """The compiled transforms for a float32 CPU ``x`` when ``native`` and they load, else the torch-ops ones."""
     if native and x.dtype == torch.float32 and x.device.type == "cpu":
-        compiled = winograd_native.load(self_check)
+        compiled = native_kernels.transforms(self_check)
         if compiled is not None:
             return compiled
     return TORCH_TRANSFORMS
@@ -357,7 +357,7 @@ def conv3x3(
     :param x: (N, C, H, W), any memory layout (float32 is the fast case; float64 works too).
     :param weight: (O, C, 3, 3), same dtype.
     :param bias: (O,) or None.
-    :param native: take the compiled tile transforms (:mod:`improved_diffusion.winograd_native`)
+    :param native: take the compiled tile transforms (:mod:`improved_diffusion.native`)
         where they load; False: the torch-ops ones. Same numbers within float32 rounding.
     :return: (N, O, H, W) in channels-last memory layout.
     """

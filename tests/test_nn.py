@@ -121,12 +121,12 @@ def test_checkpoint_same_output_and_gradients():
 
 
 def test_speed_settings_summary_and_apply_to_every_layer():
-    assert inn.SpeedSettings().summary() == "speed settings: sdpa=True, winograd=auto, winograd_native=True"
+    assert inn.SpeedSettings().summary() == "speed settings: sdpa=True, winograd=auto, native_kernels=True"
     assert (
-        inn.SpeedSettings(winograd_cache="c.json", winograd_native=False).summary()
-        == "speed settings: sdpa=True, winograd=auto, winograd_cache=c.json, winograd_native=False"
+        inn.SpeedSettings(winograd_cache="c.json", native_kernels=False).summary()
+        == "speed settings: sdpa=True, winograd=auto, winograd_cache=c.json, native_kernels=False"
     )
-    assert inn.PLAIN_SPEED.summary() == "speed settings: sdpa=False, winograd=False"  # no Winograd: its knobs unsaid
+    assert inn.PLAIN_SPEED.summary() == "speed settings: sdpa=False, winograd=False, native_kernels=False"
     net = torch.nn.Sequential(inn.conv_nd(2, 4, 4, 3, padding=1), torch.nn.Sequential(inn.conv_nd(2, 4, 4, 1)))
     assert all(m.use_winograd for m in net.modules() if isinstance(m, inn.Conv2d))
     inn.apply_speed(net, inn.PLAIN_SPEED)

@@ -49,7 +49,7 @@ def test_every_script_has_the_speed_flags():
     import os
     import runpy
 
-    assert speed_defaults() == {"sdpa": True, "winograd": "auto", "winograd_cache": "", "winograd_native": True}
+    assert speed_defaults() == {"sdpa": True, "winograd": "auto", "winograd_cache": "", "native_kernels": True}
     scripts = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
     for name in ("image_train.py", "super_res_train.py", "image_sample.py", "super_res_sample.py", "image_nll.py"):
         parser = runpy.run_path(os.path.join(scripts, name), run_name="not_main")["create_argparser"]()

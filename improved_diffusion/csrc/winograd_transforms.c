@@ -2,7 +2,7 @@
  * Winograd F(4x4, 3x3) tile transforms for improved_diffusion/winograd.py [Lavin & Gray 2016,
  * Eq. 10], each one pass over memory: channels-last images in, the (36, T, C) tile matrices of
  * the batched products out, and back. Compiled with the system C compiler on first use
- * (improved_diffusion/winograd_native.py) and called through ctypes on float32 buffers.
+ * (improved_diffusion/native.py) and called through ctypes on float32 buffers.
  *
  * Layouts (the same as the torch-ops path of winograd.py):
  *   image:  (N, H, W, C) contiguous, i.e. a channels-last (N, C, H, W) tensor;
