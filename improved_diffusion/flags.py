@@ -387,7 +387,8 @@ _SPEED_HELP = {
 }
 SPEED = FlagGroup(
     "SPEED",
-    "the network's speed settings: same results within float32 tolerance; sdpa and winograd False = the original's",
+    "the network's speed settings: same results within float32 tolerance; sdpa, winograd and native_kernels False "
+    "= the original's",
     NETWORK_SCRIPTS,
     tuple(
         Flag(k, v, _SPEED_HELP[k], new=True, auto=k == "winograd")

@@ -91,13 +91,19 @@ _MATRICES: dict = {}
 
 
 def _matrices(like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``B^T`` (6, 6), ``A^T`` (4, 6) and ``G ⊗ G`` (36, 9) with the device and dtype of ``like``, cached."""
+    """
+    ``B^T`` (6, 6), ``A^T`` (4, 6) and ``G ⊗ G`` (36, 9) with the device and dtype of ``like``,
+    cached. The rows of ``G ⊗ G`` are tile positions in [column, row] order (``6 a + b``), its
+    columns filter taps in the filter's own [row, column] order (``3 r + s``), so it applies to
+    ``weight.reshape(O * C, 9)`` without a copy: ``(G ⊗ G)[6a+b, 3r+s] = G[a, s] G[b, r]``.
+    """
     key = (like.device, like.dtype)
     if key not in _MATRICES:
         g = torch.tensor(_G, dtype=torch.float64)
+        gg = torch.kron(g, g).view(IN_TILE**2, 3, 3).transpose(1, 2).reshape(IN_TILE**2, 9)
         _MATRICES[key] = tuple(
             m.to(device=like.device, dtype=like.dtype).contiguous()
-            for m in (torch.tensor(_BT, dtype=torch.float64), torch.tensor(_AT, dtype=torch.float64), torch.kron(g, g))
+            for m in (torch.tensor(_BT, dtype=torch.float64), torch.tensor(_AT, dtype=torch.float64), gg)
         )
     return _MATRICES[key]
 
@@ -289,11 +295,12 @@ class _WinogradConv3x3(torch.autograd.Function):
         shape = (IN_TILE**2, tiles, c)
         v = torch.empty(shape, dtype=x.dtype, device=x.device) if keep_input else _WORKSPACE.get(3, shape, x)
         transforms.input_transform(x.permute(0, 2, 3, 1), v)
-        # G g G^T in the same [column, row] order: G ⊗ G applied to the filter's [column, row].
+        # G g G^T in the same [column, row] order, (36, O, C): one product with the filters as
+        # they lie in memory, (O * C, 9); the batched product takes its transpose (36, C, O).
         gg = _matrices(x)[2]
-        u = (gg @ weight.permute(3, 2, 1, 0).reshape(9, c * out_channels)).view(IN_TILE**2, c, out_channels)
+        u = (gg @ weight.reshape(out_channels * c, 9).t()).view(IN_TILE**2, out_channels, c)
         m = _WORKSPACE.get(4, (IN_TILE**2, tiles, out_channels), x)
-        torch.bmm(v, u, out=m)  # one matrix product per tile position
+        torch.bmm(v, u.transpose(1, 2), out=m)  # one matrix product per tile position
         y = torch.empty((n, height, width, out_channels), dtype=x.dtype, device=x.device)
         transforms.output_transform(m, bias, y)
         ctx.save_for_backward(v if keep_input else None, u)
@@ -306,20 +313,19 @@ class _WinogradConv3x3(torch.autograd.Function):
         v, u = ctx.saved_tensors
         gg = _matrices(grad_out)[2]
         n, out_channels, height, width = grad_out.shape
-        c, tiles = u.shape[1], n * -(-height // OUT_TILE) * -(-width // OUT_TILE)
+        c, tiles = u.shape[2], n * -(-height // OUT_TILE) * -(-width // OUT_TILE)
         dm = ctx.transforms.grad_output_transform(
             grad_out.permute(0, 2, 3, 1), _WORKSPACE.get(2, (IN_TILE**2, tiles, out_channels), grad_out)
         )  # A dY A^T, (36, T, O), [column, row]
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[1]:
-            du = torch.bmm(v.transpose(1, 2), dm)  # (36, C, O)
-            grad_w = (gg.t() @ du.view(IN_TILE**2, c * out_channels)).view(3, 3, c, out_channels)
-            grad_w = grad_w.permute(3, 2, 1, 0).contiguous()  # [column, row] -> (O, C, row, column)
+            du = torch.bmm(dm.transpose(1, 2), v)  # (36, O, C)
+            grad_w = (du.view(IN_TILE**2, out_channels * c).t() @ gg).view(out_channels, c, 3, 3)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum(dim=(0, 2, 3))
         if ctx.needs_input_grad[0]:
             dv = _WORKSPACE.get(3, (IN_TILE**2, tiles, c), grad_out)
-            torch.bmm(dm, u.transpose(1, 2), out=dv)  # (36, T, C)
+            torch.bmm(dm, u, out=dv)  # (36, T, C)
             grad_x = torch.empty((n, height, width, c), dtype=grad_out.dtype, device=grad_out.device)
             grad_x = ctx.transforms.grad_input_transform(dv, grad_x).permute(0, 3, 1, 2)
         return grad_x, grad_w, grad_b, None, None
