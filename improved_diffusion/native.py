@@ -15,7 +15,8 @@ The C files are compiled into one library with the system C compiler (``$CC``, e
 ``gcc`` or ``clang``) for this CPU (``-O3 -march=native -fopenmp``: the library then shares
 torch's own OpenMP runtime and threads) and kept in a cache folder
 (``$IMPROVED_DIFFUSION_CACHE``, else ``$XDG_CACHE_HOME/improved_diffusion``, else
-``~/.cache/improved_diffusion``) under a name that hashes the sources, the compiler, its flags
+``~/.cache/improved_diffusion``; a folder under the system's temporary one where none of these
+can be written) under a name that hashes the sources, the compiler, its flags
 and the CPU, written under a temporary name and renamed, so concurrent ranks never load a
 half-written library. Each kernel family is checked against its torch reference before first
 use. Where no compiler works, or a check fails, the loaders return None, say why once in the
@@ -206,12 +207,24 @@ def _build() -> Tuple[Optional[ctypes.CDLL], str]:
     return None, "; ".join(errors)
 
 
+def _writable_folder() -> str:
+    """:func:`cache_dir`, or this user's folder under the system's temporary one where that cannot be written."""
+    fallback = os.path.join(tempfile.gettempdir(), f"improved_diffusion-{os.getuid() if hasattr(os, 'getuid') else 0}")
+    for folder in (cache_dir(), fallback):
+        try:
+            os.makedirs(folder, exist_ok=True)
+            if os.access(folder, os.W_OK):
+                return folder
+        except OSError:
+            continue
+    raise OSError(f"neither {cache_dir()} nor {fallback} can be written (set IMPROVED_DIFFUSION_CACHE)")
+
+
 def _compiled(compiler: str, flags: Tuple[str, ...], sources: List[bytes]) -> str:
     """Path of the shared library built from ``sources``, compiling it unless the cache has it."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(b"\0".join([*sources, " ".join(flags).encode(), version.encode(), _cpu_id().encode()]))
-    folder = cache_dir()
-    os.makedirs(folder, exist_ok=True)
+    folder = _writable_folder()
     path = os.path.join(folder, f"cpu_kernels-{key.hexdigest()[:20]}.so")
     if os.path.exists(path):
         return path

@@ -111,6 +111,16 @@ def test_library_is_built_once_into_the_cache_and_reused(fresh_cache, monkeypatc
     assert os.listdir(fresh_cache) == [library] and os.path.getmtime(fresh_cache / library) == built
 
 
+@needs_compiler
+def test_an_unwritable_cache_folder_falls_back_to_the_temporary_folder(fresh_cache, tmp_path, monkeypatch):
+    blocked = tmp_path / "file-not-folder"
+    blocked.write_text("")
+    monkeypatch.setenv("IMPROVED_DIFFUSION_CACHE", str(blocked / "cache"))  # under a file: cannot be made
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    assert native.transforms(winograd.self_check) is not None
+    assert [f.endswith(".so") for f in os.listdir(next((tmp_path / "tmp").iterdir()))] == [True]
+
+
 def test_without_a_working_compiler_the_torch_ops_transforms_are_used(fresh_cache, tmp_path, monkeypatch):
     broken = tmp_path / "broken-cc"
     broken.write_text("#!/bin/sh\necho 'broken-cc: cannot compile' >&2\nexit 1\n")
