@@ -219,12 +219,17 @@ def test_two_ranks_give_the_same_ddim_samples_as_one(ckpt, tmp_path):
 
 
 def test_speed_flags_select_the_plain_path_and_are_logged(ckpt, tmp_path):
-    """--winograd/--sdpa False: the original's computation; the samples agree within a grey level."""
+    """--winograd/--sdpa/--native_kernels False: the original's computation; the samples agree within a grey level."""
     flags = ["--use_ddim", True, "--timestep_respacing", "ddim3", "--num_samples", 2]
     fast = _sample(ckpt, tmp_path / "fast", *flags)["arr_0"]
-    plain = _sample(ckpt, tmp_path / "plain", *flags, "--winograd", False, "--sdpa", False)["arr_0"]
+    plain_flags = ("--winograd", False, "--sdpa", False, "--native_kernels", False)
+    plain = _sample(ckpt, tmp_path / "plain", *flags, *plain_flags)["arr_0"]
     np.testing.assert_allclose(plain.astype(int), fast.astype(int), rtol=0, atol=ATOL_PIXEL)
-    for folder, line in (("fast", "sdpa=True, winograd=auto"), ("plain", "sdpa=False, winograd=False")):
+    lines = (
+        ("fast", "sdpa=True, winograd=auto, native_kernels=True"),
+        ("plain", "sdpa=False, winograd=False, native_kernels=False"),
+    )
+    for folder, line in lines:
         with open(tmp_path / folder / "log.txt") as f:
             assert f"speed settings: {line}\n" in f.read()
 
