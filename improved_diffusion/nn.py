@@ -120,8 +120,8 @@ SiLU = nn.SiLU
 
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm evaluated in float32 (autocast off) and cast back to the input's dtype; on
-    channels-last CPU images by the compiled kernel where its ``native_kernels`` setting is on
-    (:func:`improved_diffusion.native.group_norm`)."""
+    channels-last CPU images (and their positions-first ``(N, C, T)`` views) by the compiled
+    kernel where its ``native_kernels`` setting is on (:func:`improved_diffusion.native.group_norm`)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -135,8 +135,11 @@ class GroupNorm32(nn.GroupNorm):
         with torch.autocast(x.device.type, enabled=False):
             x32, weight, bias = x.float(), self.weight.float(), self.bias.float()
             out = None
-            if self.native and native.group_norm_applies(x32, self.num_groups):
-                out = native.group_norm(x32, self.num_groups, weight, bias, self.eps)
+            # (N, C, T) positions-first (attention's view of a channels-last map) is (N, C, T, 1) channels-last.
+            image = x32.unsqueeze(-1) if x32.dim() == 3 else x32
+            if self.native and native.group_norm_applies(image, self.num_groups):
+                out = native.group_norm(image, self.num_groups, weight, bias, self.eps)
+                out = out.squeeze(-1) if x32.dim() == 3 else out
             if out is None:
                 out = F.group_norm(x32, self.num_groups, weight, bias, self.eps)
         return out.to(x.dtype)

@@ -259,6 +259,10 @@ def test_groupnorm32_layer_takes_the_kernel_by_its_setting(native_kernels, monke
     torch.testing.assert_close(out, F.group_norm(x, 32, layer.weight, layer.bias, layer.eps), rtol=1e-5, atol=1e-5)
     layer(x.contiguous())  # NCHW input: never the kernel
     assert len(calls) == int(native_kernels)
+    tokens = x.reshape(2, 64, 64)  # attention's positions-first view of the channels-last map
+    out = layer(tokens)
+    assert len(calls) == 2 * int(native_kernels) and out.shape == tokens.shape
+    torch.testing.assert_close(out, F.group_norm(tokens, 32, layer.weight, layer.bias, layer.eps), rtol=1e-5, atol=1e-5)
 
 
 @needs_compiler
