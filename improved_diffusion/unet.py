@@ -22,7 +22,7 @@ and the output is cast back to the input's dtype. ``convert_to_fp16`` / ``conver
 convolution weights (the originals' fp16 mode); prefer autocast.
 """
 
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -347,12 +347,23 @@ class _UNetBase(nn.Module):
         assert timesteps.shape == (x.shape[0],), f"timesteps {tuple(timesteps.shape)} for batch {x.shape[0]}"
         return self.time_embed(timestep_embedding(timesteps, self.model_channels))  # (N, 4C)
 
-    def _torso_input(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` in the torso's dtype, channels-last where the Winograd path prefers it."""
+    def _input_block_outputs(self, x: torch.Tensor, emb: torch.Tensor) -> Iterator[torch.Tensor]:
+        """
+        The outputs of the input blocks in order, from ``x`` in the torso's dtype; channels-last
+        throughout where the Winograd path prefers it (a one-channel input is both layouts, so the
+        first convolution alone would return NCHW and every later layer would change layouts).
+        """
         h = x.to(self.dtype)
-        if prefers_channels_last(self.speed, self.conv_chooser, h, self._level_channels(self.channel_mult[0])):
+        channels_last = prefers_channels_last(
+            self.speed, self.conv_chooser, h, self._level_channels(self.channel_mult[0])
+        )
+        if channels_last:
             h = h.contiguous(memory_format=torch.channels_last)
-        return h
+        for module in self.input_blocks:
+            h = module(h, emb)
+            if channels_last:
+                h = h.contiguous(memory_format=torch.channels_last)  # a no-op where it already is
+            yield h
 
 
 class UNetModel(_UNetBase):
@@ -486,12 +497,9 @@ class UNetModel(_UNetBase):
         features: Optional[Dict[str, List[torch.Tensor]]] = None,
     ) -> torch.Tensor:
         """Input, middle and output blocks; the activations go to ``features`` when given."""
-        h, emb = self._torso_input(x), self._embed(x, timesteps, y)
-        skips = []
-        for module in self.input_blocks:
-            h = module(h, emb)
-            skips.append(h)
-        h = self.middle_block(h, emb)
+        emb = self._embed(x, timesteps, y)
+        skips = list(self._input_block_outputs(x, emb))
+        h = self.middle_block(skips[-1], emb)
         if features is not None:
             features["down"].extend(skips)
             features["middle"].append(h)
@@ -669,11 +677,9 @@ class EncoderUNetModel(_UNetBase):
         :return: shape ``(N, out_channels)`` logits, dtype of ``x``.
         """
         emb = self._time_embedding(x, timesteps)  # (N, 4C)
-        h = self._torso_input(x)
         spatial = self.pool.startswith("spatial")
         means = []  # spatial pools: the mean of every block's output, (N, ch) each
-        for module in self.input_blocks:
-            h = module(h, emb)
+        for h in self._input_block_outputs(x, emb):
             if spatial:
                 means.append(h.to(x.dtype).mean(dim=tuple(range(2, h.dim()))))
         h = self.middle_block(h, emb)

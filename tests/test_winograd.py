@@ -280,3 +280,36 @@ def test_auto_model_follows_the_measured_decisions(monkeypatch):
 def test_speed_settings_reject_other_winograd_values():
     with pytest.raises(UserError, match="--winograd 'maybe': expected True, False or auto"):
         SpeedSettings(winograd="maybe")
+
+
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_channels_last_network_keeps_its_layout_after_a_one_channel_input(in_channels, monkeypatch):
+    """A one-channel input is both layouts, so the first convolution returned NCHW and every later
+    layer changed layouts; the torso now keeps channels-last from the first block on."""
+    kwargs = script_util.model_and_diffusion_defaults()
+    kwargs.update(
+        image_size=16,
+        channel_mult="1,2",
+        num_channels=64,
+        num_res_blocks=1,
+        attention_resolutions="8",
+        image_channels=in_channels,
+    )
+    model, _ = script_util.create_model_and_diffusion(**kwargs, speed=SpeedSettings(winograd=True))
+    layouts = []
+    real = inn.Conv2d.forward
+
+    def forward(self, x):
+        if self.kernel_size == (3, 3) and self.in_channels > 1:
+            layouts.append(x.is_contiguous(memory_format=torch.channels_last))
+        return real(self, x)
+
+    monkeypatch.setattr(inn.Conv2d, "forward", forward)
+    x = torch.randn(2, in_channels, 16, 16)
+    with torch.no_grad():
+        out = model(x, torch.tensor([5, 6]))
+        model.set_speed(SpeedSettings(winograd=False, sdpa=False, native_kernels=False))
+        ref = model(x, torch.tensor([5, 6]))
+    assert layouts and all(layouts[: len(layouts) // 2])  # the Winograd run: every layer channels-last
+    assert not any(layouts[len(layouts) // 2 :])  # the plain run: NCHW throughout
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
