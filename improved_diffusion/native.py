@@ -323,7 +323,8 @@ def _check_group_norm(lib: ctypes.CDLL) -> str:
     """Forward and gradients on a small channels-last case against ``F.group_norm`` ("" when within 1e-5)."""
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(2, 12, 5, 3, generator=gen) * 3 + 1).contiguous(memory_format=torch.channels_last)
-    weight, bias, grad = torch.randn(12, generator=gen), torch.randn(12, generator=gen), torch.randn(2, 12, 5, 3)
+    weight, bias = torch.randn(12, generator=gen), torch.randn(12, generator=gen)
+    grad = torch.randn(2, 12, 5, 3, generator=gen)  # never the global generator: a user's random stream stays
     results = []
     for fn in (lambda *a: _GroupNormChannelsLast.apply(*a, 1e-5, lib), lambda *a: F.group_norm(*a, eps=1e-5)):
         inputs = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]

@@ -268,3 +268,15 @@ def test_groupnorm32_layer_takes_the_kernel_by_its_setting(native_kernels, monke
 @needs_compiler
 def test_group_norm_self_check_passes():
     assert native._check_group_norm(native._gn_signatures(native.library())) == ""
+
+
+@needs_compiler
+def test_first_use_and_self_checks_draw_no_global_random_numbers(fresh_cache):
+    """The library is built and checked inside a caller's run: its checks must not move the global RNG."""
+    x = torch.randn(2, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(64, 64, 3, 3)
+    state = torch.get_rng_state()
+    native.group_norm(x, 32, None, None, 1e-5)
+    winograd.conv3x3(x, weight)
+    assert native._LOADED["group_norm"] is not None and native._LOADED["transforms"] is not None
+    assert torch.equal(torch.get_rng_state(), state)
